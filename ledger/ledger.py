@@ -1,0 +1,725 @@
+"""The Ledger: one writer appending transactions to DuckDB, sealing them into Parquet, and handing
+out immutable Database values for reads."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+
+from ledger import chain
+from ledger.datoms import DEFAULT_DELETION, DEFAULT_ENTITY_PATH, Rules, derive
+from ledger.errors import (
+    ConfigMismatch,
+    CorruptLedger,
+    LedgerError,
+    LedgerLocked,
+    ReadOnly,
+)
+from ledger.records import (
+    NewRecord,
+    Quarantined,
+    Record,
+    Transaction,
+    TxReport,
+    VerifyReport,
+    dumps,
+    validate,
+)
+from ledger.storage import segments as seg
+from ledger.storage.catalog import CATALOG_DDL, RELATIONS, columns, quote, union_sql
+from ledger.temporal import Database, Pin, TimePoint, check_time_point
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+DB_FILE = "ledger.duckdb"
+DEFAULT_SEAL_EVERY = 250_000
+_ARROW = {
+    "BIGINT": pa.int64(), "INTEGER": pa.int32(), "VARCHAR": pa.string(), "JSON": pa.string(),
+    "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"), "BOOLEAN": pa.bool_(), "BLOB": pa.binary(),
+}
+OffsetKey = tuple[str, str, int]  # (consumer, topic, partition)
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    tx: int
+    tx_time: datetime
+    hash: str
+
+
+_EMPTY_HEAD = Head(0, datetime.min.replace(tzinfo=UTC), chain.GENESIS)
+
+
+def _arrow_table(relation: str, rows: Mapping[str, list[Any]]) -> pa.Table:
+    cols = RELATIONS[relation]
+    return pa.table(
+        {c: pa.array(rows[c], type=_ARROW[t.split()[0]]) for c, t in cols}
+    )
+
+
+def _lock_holder(error: duckdb.Error) -> str:
+    m = re.search(r"PID (\d+)", str(error))
+    return m.group(1) if m else "unknown"
+
+
+class Ledger:
+    """An append-only ledger in one data directory. One writer per directory; any number of readers.
+
+    Open with `Ledger.open(path)`. Reads go through `Database` values (`as_of`, `since`) or the
+    shortcuts here, which read the latest transaction.
+    """
+
+    def __init__(
+        self, root: Path, con: duckdb.DuckDBPyConnection, *, read_only: bool,
+        seal_every: int, complete: bool = True, note: str | None = None,
+    ) -> None:
+        self.root = root
+        self.read_only = read_only
+        self.seal_every = seal_every
+        self.complete = complete  # False: a snapshot of sealed segments only (a writer holds the tail)
+        self.note = note
+        self._con = con
+        self._write_lock = threading.Lock()
+        self._closed = False
+        meta = dict(con.execute("SELECT key, value FROM ledger_meta").fetchall())
+        self.rules = Rules(json.loads(meta["entity_path"]), json.loads(meta["deletion"]))
+        self._head = self._read_head()
+
+    # ----------------------------------------------------------------------------------- opening
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike[str], *, read_only: bool = False,
+        entity_path: str | None = None, deletion: str | None = None,
+        seal_every: int = DEFAULT_SEAL_EVERY,
+    ) -> Ledger:
+        """Open (creating if missing) the ledger in `path`.
+
+        `read_only=True` gives a consistent snapshot that never blocks a writer: the catalog and
+        tail are copied into memory and the file lock is released at once; if a writer holds the
+        lock, the snapshot covers the sealed segments only (`complete` is False, `note` says so).
+        """
+        root = Path(path)
+        if seal_every < 1:
+            raise LedgerError(f"seal_every must be at least 1, got {seal_every}")
+        if read_only:
+            return cls._open_snapshot(root, seal_every)
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            con = duckdb.connect(str(root / DB_FILE))
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower():
+                raise CorruptLedger(f"cannot open {root / DB_FILE}: {e}") from e
+            raise LedgerLocked(
+                f"ledger {root} is being written by process {_lock_holder(e)}; open it with "
+                "read_only=True for a snapshot, or query it through that process's HTTP API"
+            ) from e
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            for ddl in CATALOG_DDL:
+                con.execute(ddl)
+            cls._settle_config(con, entity_path, deletion)
+            registered = {r[0] for r in con.execute("SELECT dir FROM segments").fetchall()}
+            seg.clean_orphans(root, registered)
+            ledger = cls(root, con, read_only=False, seal_every=seal_every)
+        except BaseException:
+            con.close()
+            raise
+        ledger._write_manifest()
+        return ledger
+
+    @staticmethod
+    def _settle_config(
+        con: duckdb.DuckDBPyConnection, entity_path: str | None, deletion: str | None
+    ) -> None:
+        wanted = {"entity_path": entity_path, "deletion": deletion}
+        stored = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM ledger_meta").fetchall()}
+        if not stored:
+            rules = Rules(entity_path or DEFAULT_ENTITY_PATH, deletion or DEFAULT_DELETION)
+            con.executemany(
+                "INSERT INTO ledger_meta VALUES (?, ?)",
+                [["format", json.dumps(seg.FORMAT)], ["entity_path", json.dumps(rules.entity_path)],
+                 ["deletion", json.dumps(rules.deletion)],
+                 ["created_at", json.dumps(datetime.now(UTC).isoformat())]],
+            )
+            return
+        for key, value in wanted.items():
+            if value is not None and stored.get(key) != value:
+                raise ConfigMismatch(
+                    f"this ledger was created with {key}={stored.get(key)!r}; it cannot be "
+                    f"reopened with {value!r} (that would change the meaning of its history)"
+                )
+
+    @classmethod
+    def _open_snapshot(cls, root: Path, seal_every: int) -> Ledger:
+        db_file = root / DB_FILE
+        if not db_file.exists():
+            raise CorruptLedger(f"no ledger at {root} (missing {DB_FILE})")
+        con = duckdb.connect()
+        con.execute("SET TimeZone = 'UTC'")
+        for ddl in CATALOG_DDL:
+            con.execute(ddl)
+        copied = ["ledger_meta", "segments", "offsets", *(f"tail_{r}" for r in RELATIONS)]
+        try:
+            con.execute(f"ATTACH {quote(str(db_file))} AS src (READ_ONLY)")
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower():
+                con.close()
+                raise CorruptLedger(f"cannot open {db_file}: {e}") from e
+            return cls._open_sealed_only(root, con, seal_every, _lock_holder(e))
+        try:
+            con.execute("BEGIN TRANSACTION")
+            for table in copied:
+                con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
+            con.execute("COMMIT")
+        finally:
+            con.execute("DETACH src")
+        return cls(root, con, read_only=True, seal_every=seal_every)
+
+    @classmethod
+    def _open_sealed_only(
+        cls, root: Path, con: duckdb.DuckDBPyConnection, seal_every: int, pid: str
+    ) -> Ledger:
+        manifest = seg.read_manifest(root)
+        if manifest is None:
+            con.close()
+            raise LedgerLocked(
+                f"ledger {root} is being written by process {pid} and has no manifest yet; "
+                "query it through that process's HTTP API"
+            )
+        for key in ("format", "entity_path", "deletion"):
+            con.execute("INSERT INTO ledger_meta VALUES (?, ?)", [key, json.dumps(manifest[key])])
+        for s in manifest["segments"]:
+            con.execute(
+                "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?)",
+                [s["first_tx"], s["last_tx"], s["dir"], s["records"], json.dumps(s["files"]),
+                 s["sealed_at"]],
+            )
+        sealed = manifest["segments"][-1]["last_tx"] if manifest["segments"] else 0
+        note = (
+            f"process {pid} is writing this ledger; this snapshot holds its sealed segments "
+            f"(through tx {sealed}) but not newer transactions — query the service for those"
+        )
+        return cls(root, con, read_only=True, seal_every=seal_every, complete=False, note=note)
+
+    def close(self) -> None:
+        if not self._closed:
+            with self._write_lock:
+                self._closed = True
+                self._con.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "read-only" if self.read_only else "writer"
+        return f"<Ledger {str(self.root)!r} {mode} tx={self._head.tx}>"
+
+    # ------------------------------------------------------------------------------------ reads
+    @contextmanager
+    def snapshot(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, dict[str, list[str]]]]:
+        """A cursor inside one DuckDB transaction, with the segment files that snapshot sees.
+
+        The segment list and the tail are read in the same transaction, so a concurrent seal
+        (which moves rows from the tail into a new segment atomically) can never be seen halfway.
+        """
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        cur = self._con.cursor()
+        try:
+            cur.execute("SET TimeZone = 'UTC'")
+            cur.execute("BEGIN TRANSACTION")
+            dirs = [r[0] for r in cur.execute("SELECT dir FROM segments ORDER BY first_tx").fetchall()]
+            base = self.root / seg.SEGMENTS_DIR
+            files = {rel: [str(base / d / f"{rel}.parquet") for d in dirs] for rel in RELATIONS}
+            yield cur, files
+        finally:
+            with suppress(duckdb.Error):
+                cur.execute("ROLLBACK")  # reads only; also discards anything a query tried to write
+            cur.close()
+
+    @property
+    def head(self) -> Head:
+        return self._head
+
+    def _read_head(self) -> Head:
+        with self.snapshot() as (cur, files):
+            row = cur.execute(
+                f"SELECT tx, tx_time, hash FROM ({union_sql('transactions', files['transactions'])}) "
+                "ORDER BY tx DESC LIMIT 1"
+            ).fetchone()
+        return _EMPTY_HEAD if row is None else Head(row[0], row[1].astimezone(UTC), row[2])
+
+    def resolve(self, t: TimePoint) -> int:
+        """A time point as a tx number: the latest tx committed at or before an instant."""
+        point = check_time_point(t, "time")
+        if isinstance(point, int):
+            return point
+        with self.snapshot() as (cur, files):
+            txs = union_sql("transactions", files["transactions"], where="tx_time <= $t")
+            row = cur.execute(
+                f"SELECT coalesce(max(tx), 0) FROM ({txs})", {"t": point},
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def db(self) -> Database:
+        """The latest database value."""
+        return Database(self, Pin(basis=self._head.tx))
+
+    def as_of(self, t: TimePoint) -> Database:
+        return self.db().as_of(t)
+
+    def since(self, t: TimePoint) -> Database:
+        return self.db().since(t)
+
+    def _at(self, as_of: TimePoint | None) -> Database:
+        return self.db() if as_of is None else self.as_of(as_of)
+
+    def entity(
+        self, e: str, *, as_of: TimePoint | None = None, valid_at: datetime | str | None = None
+    ) -> dict[str, Any] | None:
+        return self._at(as_of).entity(e, valid_at=valid_at)
+
+    def history(
+        self, e: str, *, since: TimePoint | None = None, until: TimePoint | None = None
+    ) -> list[Any]:
+        return self.db().history(e, since=since, until=until)
+
+    def sql(
+        self, query: str, *, as_of: TimePoint | None = None, valid_at: datetime | str | None = None,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+    ) -> pa.Table:
+        return self._at(as_of).sql(query, params=params, valid_at=valid_at)
+
+    def tx_range(self, start: TimePoint | None = None, end: TimePoint | None = None) -> list[Transaction]:
+        """Transactions with start <= tx < end (Datomic's tx-range), each with its records."""
+        lo = 0 if start is None else self.resolve(start)
+        hi = self._head.tx + 1 if end is None else self.resolve(end)
+        if isinstance(start, (datetime, str)):
+            lo += 1  # resolve() gives the tx at or before the instant; the range starts after it
+        if isinstance(end, (datetime, str)):
+            hi += 1
+        where = f"tx >= {lo} AND tx < {hi}"
+        with self.snapshot() as (cur, files):
+            txs = cur.execute(
+                f"SELECT tx, tx_time, hash, prev_hash, meta, quarantine_count FROM "
+                f"({union_sql('transactions', files['transactions'], where=where)}) ORDER BY tx"
+            ).fetchall()
+            recs = cur.execute(
+                f"SELECT * FROM ({union_sql('records', files['records'], where=where)}) ORDER BY tx, seq"
+            ).fetchall()
+        by_tx: dict[int, list[Record]] = {}
+        for row in recs:
+            by_tx.setdefault(row[0], []).append(_record(row))
+        return [
+            Transaction(tx=t, tx_time=tt.astimezone(UTC), hash=h, prev_hash=p, meta=json.loads(m),
+                        records=tuple(by_tx.get(t, ())), quarantined=q)
+            for t, tt, h, p, m, q in txs
+        ]
+
+    def offsets(self, consumer: str) -> dict[tuple[str, int], int]:
+        """The next offset to read per (topic, partition), as committed with the records."""
+        with self.snapshot() as (cur, _):
+            rows = cur.execute(
+                "SELECT topic, partition, next_offset FROM offsets WHERE consumer = ?", [consumer]
+            ).fetchall()
+        return {(t, p): o for t, p, o in rows}
+
+    def digest(self) -> dict[str, Any]:
+        """The latest transaction's number, time and hash: publish it to pin the history."""
+        h = self._head
+        return {"tx": h.tx, "tx_time": h.tx_time.isoformat(), "hash": h.hash}
+
+    # ----------------------------------------------------------------------------------- writes
+    def append(
+        self, records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any] | None = None, *,
+        quarantine: Sequence[Quarantined] = (), offsets: Mapping[OffsetKey, int] | None = None,
+    ) -> TxReport:
+        """Append records as one atomic transaction.
+
+        Records whose id is already stored (or repeated in this batch) are not stored again and
+        are listed in the report's `duplicates`. `quarantine` (raw input that could not become a
+        record) and `offsets` ({(consumer, topic, partition): next offset}) commit in the same
+        transaction, which is what makes Kafka ingestion exactly-once.
+        """
+        checked = [validate(i, r) for i, r in enumerate(records)]
+        meta_obj = dict(meta or {})
+        try:
+            dumps(meta_obj)
+        except (TypeError, ValueError) as e:
+            raise LedgerError(f"meta must be a JSON object: {e}") from e
+        if self.read_only:
+            raise ReadOnly("this ledger was opened read-only")
+        with self._write_lock:
+            if self._closed:
+                raise LedgerError("the ledger is closed")
+            report = self._commit(checked, meta_obj, quarantine, offsets or {})
+            tail = self._tail_count()
+        if tail >= self.seal_every:
+            self.seal()
+        return report
+
+    def _commit(
+        self, checked: list[NewRecord], meta: dict[str, Any],
+        quarantine: Sequence[Quarantined], offsets: Mapping[OffsetKey, int],
+    ) -> TxReport:
+        head = self._head
+        tx = head.tx + 1
+        # Strictly increasing even if the wall clock steps back.
+        tx_time = max(datetime.now(UTC), head.tx_time + timedelta(microseconds=1))
+        seen: set[str] = set()
+        unique: list[NewRecord] = []
+        duplicates: list[NewRecord] = []
+        for r in checked:
+            (duplicates if r.id in seen else unique).append(r)
+            seen.add(r.id)
+        con = self._con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            fresh = {
+                str(row[0]) for row in con.execute(
+                    "INSERT INTO record_ids SELECT unnest($ids::UUID[]) ON CONFLICT DO NOTHING RETURNING id",
+                    {"ids": [r.id for r in unique]},
+                ).fetchall()
+            } if unique else set()
+            stored = [r for r in unique if r.id in fresh]
+            duplicates += [r for r in unique if r.id not in fresh]
+            rec_rows, rec_hashes = self._record_rows(stored, tx, tx_time)
+            datom_rows = self._datom_rows(con, stored, tx, tx_time)
+            q_rows, q_hashes = _quarantine_rows(quarantine, tx)
+            tx_hash = chain.tx_hash(
+                tx=tx, tx_time=tx_time, prev_hash=head.hash, meta=meta,
+                record_hashes=rec_hashes, quarantine_hashes=q_hashes,
+            )
+            tx_rows: dict[str, list[Any]] = {
+                "tx": [tx], "tx_time": [tx_time], "prev_hash": [head.hash], "hash": [tx_hash],
+                "record_count": [len(stored)], "quarantine_count": [len(q_hashes)],
+                "meta": [dumps(meta)],
+            }
+            for relation, rows in (
+                ("records", rec_rows), ("datoms", datom_rows), ("quarantine", q_rows),
+                ("transactions", tx_rows),
+            ):
+                if rows["tx"]:
+                    batch = _arrow_table(relation, rows)
+                    con.register("_batch", batch)
+                    con.execute(f"INSERT INTO tail_{relation} SELECT * FROM _batch")
+                    con.unregister("_batch")
+            if offsets:
+                con.executemany(
+                    "INSERT OR REPLACE INTO offsets VALUES (?, ?, ?, ?, ?)",
+                    [[c, t, p, o, tx] for (c, t, p), o in offsets.items()],
+                )
+            con.execute("COMMIT")
+        except BaseException:
+            with suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        self._head = Head(tx, tx_time, tx_hash)
+        return TxReport(
+            tx=tx, tx_time=tx_time, hash=tx_hash, ids=tuple(r.id for r in stored),
+            duplicates=tuple(r.id for r in duplicates), quarantined=len(q_hashes),
+        )
+
+    @staticmethod
+    def _record_rows(
+        stored: list[NewRecord], tx: int, tx_time: datetime
+    ) -> tuple[dict[str, list[Any]], list[str]]:
+        rows: dict[str, list[Any]] = {c: [] for c, _ in RELATIONS["records"]}
+        hashes = []
+        for seq, r in enumerate(stored):
+            valid_time = r.valid_time or tx_time
+            h = chain.record_hash(
+                id=r.id, kind=r.kind, action=r.action, parent=r.parent, data=r.data,
+                valid_time=valid_time, key=r.key, headers=r.headers, topic=r.topic,
+                partition=r.partition, offset=r.offset, kafka_timestamp=r.kafka_timestamp,
+            )
+            hashes.append(h)
+            for c, v in (
+                ("tx", tx), ("seq", seq), ("id", r.id), ("kind", r.kind), ("action", r.action),
+                ("parent", r.parent), ("data", r.data_json), ("valid_time", valid_time),
+                ("tx_time", tx_time), ("key", r.key),
+                ("headers", dumps([list(h) for h in r.headers]) if r.headers else None),
+                ("kafka_topic", r.topic), ("kafka_partition", r.partition),
+                ("kafka_offset", r.offset), ("kafka_timestamp", r.kafka_timestamp), ("hash", h),
+            ):
+                rows[c].append(v)
+        return rows, hashes
+
+    def _datom_rows(
+        self, con: duckdb.DuckDBPyConnection, stored: list[NewRecord], tx: int, tx_time: datetime
+    ) -> dict[str, list[Any]]:
+        rows: dict[str, list[Any]] = {c: [] for c, _ in RELATIONS["datoms"]}
+        pending: dict[str, dict[str, bool]] = {}  # this tx's effect so far: e -> {a: asserted?}
+
+        def current(e: str) -> set[str]:
+            attrs = set(self._attributes(con, e))
+            for a, asserted in pending.get(e, {}).items():
+                (attrs.add if asserted else attrs.discard)(a)
+            return attrs
+
+        for seq, r in enumerate(stored):
+            if r.kind != "event":
+                continue
+            for e, a, v, op in derive(self.rules, r.action, r.data, current):
+                pending.setdefault(e, {})[a] = op
+                for c, x in (
+                    ("e", e), ("a", a), ("v", None if v is None else dumps(v)), ("op", op),
+                    ("tx", tx), ("seq", seq), ("tx_time", tx_time),
+                    ("valid_time", r.valid_time or tx_time), ("record_id", r.id),
+                ):
+                    rows[c].append(x)
+        return rows
+
+    def _attributes(self, con: duckdb.DuckDBPyConnection, e: str) -> list[str]:
+        """Attributes entity e has now (committed state; used to expand deletions)."""
+        dirs = [r[0] for r in con.execute("SELECT dir FROM segments ORDER BY first_tx").fetchall()]
+        files = [str(self.root / seg.SEGMENTS_DIR / d / "datoms.parquet") for d in dirs]
+        rows = con.execute(
+            f"SELECT a FROM ({union_sql('datoms', files, where='e = $e')}) "
+            "QUALIFY row_number() OVER (PARTITION BY a ORDER BY tx DESC, seq DESC) = 1 AND op",
+            {"e": e},
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def _tail_count(self) -> int:
+        row = self._con.execute("SELECT count(*) FROM tail_records").fetchone()
+        return int(row[0]) if row else 0
+
+    def seal(self) -> int | None:
+        """Move every tail transaction into a new immutable Parquet segment; returns its last tx."""
+        if self.read_only:
+            raise ReadOnly("this ledger was opened read-only")
+        with self._write_lock:
+            con = self._con
+            row = con.execute("SELECT min(tx), max(tx) FROM tail_transactions").fetchone()
+            if row is None or row[0] is None:
+                return None
+            first, last = int(row[0]), int(row[1])
+            hashes = seg.write_segment(con, self.root, first, last)
+            count = con.execute(
+                f"SELECT count(*) FROM tail_records WHERE tx BETWEEN {first} AND {last}"
+            ).fetchone()
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute(
+                    "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?)",
+                    [first, last, seg.segment_name(first, last), count[0] if count else 0,
+                     json.dumps(hashes), datetime.now(UTC)],
+                )
+                for relation in RELATIONS:
+                    con.execute(f"DELETE FROM tail_{relation} WHERE tx BETWEEN {first} AND {last}")
+                con.execute("COMMIT")
+            except BaseException:
+                with suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                raise
+            self._write_manifest()
+            return last
+
+    def _write_manifest(self) -> None:
+        con = self._con
+        rows = con.execute(
+            "SELECT first_tx, last_tx, dir, records, files, sealed_at FROM segments ORDER BY first_tx"
+        ).fetchall()
+        meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM ledger_meta").fetchall()}
+        segments = [
+            {"first_tx": f, "last_tx": la, "dir": d, "records": n,
+             "files": json.loads(files), "sealed_at": at.isoformat()}
+            for f, la, d, n, files, at in rows
+        ]
+        seg.write_manifest(self.root, {
+            "format": meta["format"], "entity_path": meta["entity_path"],
+            "deletion": meta["deletion"], "segments": segments,
+            "relations": {r: [c for c, _ in cols] for r, cols in RELATIONS.items()},
+        })
+
+    # ---------------------------------------------------------------------------------- verify
+    def verify(self) -> VerifyReport:
+        """Recompute every record hash and the tx hash chain from the stored data, segment by
+        segment and then the tail, and name the first transaction that does not match."""
+        check = _ChainCheck()
+        with self.snapshot() as (cur, _):
+            segs = cur.execute(
+                "SELECT first_tx, dir, files FROM segments ORDER BY first_tx"
+            ).fetchall()
+            for first, d, file_hashes in segs:
+                paths = {r: self.root / seg.SEGMENTS_DIR / d / f"{r}.parquet" for r in RELATIONS}
+                missing = [r for r, p in paths.items() if not p.exists()]
+                if missing:
+                    return check.fail(first, f"segment {d}: {missing[0]}.parquet is missing")
+                sources = {r: f"read_parquet({quote(str(p))})" for r, p in paths.items()}
+                try:
+                    if not check.source(cur, sources):
+                        return check.report()
+                except duckdb.Error as e:
+                    return check.fail(first, f"segment {d} cannot be read: {e}")
+                for relation, digest in json.loads(file_hashes).items():
+                    if seg.sha256_file(paths[relation]) != digest:
+                        return check.fail(first, f"segment {d}: {relation}.parquet was modified")
+            check.source(cur, {r: f"tail_{r}" for r in RELATIONS})
+        return check.report()
+
+    # ------------------------------------------------------------------------------------ info
+    def info(self) -> dict[str, Any]:
+        counts = self.sql(
+            "SELECT (SELECT count(*) FROM log) AS records, (SELECT count(*) FROM commands) AS commands, "
+            "(SELECT count(*) FROM events) AS events, (SELECT count(*) FROM datoms) AS datoms, "
+            "(SELECT count(*) FROM quarantine) AS quarantined, "
+            "(SELECT count(*) FROM transactions) AS transactions"
+        ).to_pylist()[0]
+        with self.snapshot() as (cur, _):
+            segs = cur.execute("SELECT count(*), coalesce(max(last_tx), 0) FROM segments").fetchone()
+        size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        return {
+            "data_dir": str(self.root), **counts, **self.digest(),
+            "segments": segs[0] if segs else 0, "sealed_through_tx": segs[1] if segs else 0,
+            "bytes_on_disk": size, "complete": self.complete, "note": self.note,
+        }
+
+
+def _rows_by_tx(cursor: duckdb.DuckDBPyConnection) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
+    """Group an ordered (tx, ...) result into (tx, rows) without loading it all at once."""
+    current: list[tuple[Any, ...]] = []
+    tx = None
+    while batch := cursor.fetchmany(10_000):
+        for row in batch:
+            if row[0] != tx and current:
+                yield tx, current  # type: ignore[misc]
+                current = []
+            tx = row[0]
+            current.append(row)
+    if current:
+        yield tx, current  # type: ignore[misc]
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    (tx, seq, rid, kind, action, parent, data, valid_time, tx_time, key, headers,
+     topic, partition, offset, kafka_ts, h) = row
+    return Record(
+        id=rid, kind=kind, action=action, data=json.loads(data),
+        valid_time=valid_time.astimezone(UTC), tx=tx, seq=seq, tx_time=tx_time.astimezone(UTC),
+        hash=h, parent=parent, key=key,
+        headers=tuple((k, v) for k, v in json.loads(headers)) if headers else (),
+        topic=topic, partition=partition, offset=offset,
+        kafka_timestamp=None if kafka_ts is None else kafka_ts.astimezone(UTC),
+    )
+
+
+def _quarantine_rows(items: Sequence[Quarantined], tx: int) -> tuple[dict[str, list[Any]], list[str]]:
+    rows: dict[str, list[Any]] = {c: [] for c, _ in RELATIONS["quarantine"]}
+    hashes = []
+    for seq, q in enumerate(items):
+        if not isinstance(q, Quarantined):
+            raise LedgerError(f"quarantine item {seq} must be a Quarantined, got {type(q).__name__}")
+        h = chain.quarantine_hash(
+            reason=q.reason, value=q.value, key=q.key, topic=q.topic, partition=q.partition,
+            offset=q.offset,
+        )
+        hashes.append(h)
+        for c, v in (
+            ("tx", tx), ("seq", seq), ("reason", q.reason), ("value", q.value), ("key", q.key),
+            ("headers", dumps([list(h) for h in q.headers]) if q.headers else None),
+            ("kafka_topic", q.topic), ("kafka_partition", q.partition), ("kafka_offset", q.offset),
+            ("kafka_timestamp", q.kafka_timestamp), ("hash", h),
+        ):
+            rows[c].append(v)
+    return rows, hashes
+
+
+class _ChainCheck:
+    """Walks sources (segments, then the tail) in tx order, carrying the chain across them."""
+
+    def __init__(self) -> None:
+        self.prev_tx, self.prev_hash = 0, chain.GENESIS
+        self.prev_time: datetime | None = None
+        self.bad: tuple[int, str] | None = None
+
+    def fail(self, tx: int, reason: str) -> VerifyReport:
+        self.bad = (tx, reason)
+        return self.report()
+
+    def report(self) -> VerifyReport:
+        if self.bad is None:
+            return VerifyReport(ok=True, checked=self.prev_tx)
+        return VerifyReport(ok=False, checked=self.prev_tx, first_bad_tx=self.bad[0], reason=self.bad[1])
+
+    def source(self, cur: duckdb.DuckDBPyConnection, tables: Mapping[str, str]) -> bool:
+        """Check one source's transactions; False (and `bad` set) at the first mismatch."""
+        def select(relation: str, order: str) -> str:
+            return f"SELECT {columns(relation)} FROM {tables[relation]} ORDER BY {order}"
+
+        txs = cur.execute(select("transactions", "tx")).fetchall()
+        quarantine: dict[int, list[str]] = {}
+        for q in cur.execute(select("quarantine", "tx, seq")).fetchall():
+            tx, _seq, reason, value, key, _headers, topic, partition, offset, _kts, _h = q
+            quarantine.setdefault(tx, []).append(chain.quarantine_hash(
+                reason=reason, value=value, key=key, topic=topic, partition=partition, offset=offset,
+            ))
+        records = _rows_by_tx(cur.execute(select("records", "tx, seq")))
+        pending = next(records, None)
+        for tx, tx_time, prev_h, h, n_rec, n_q, meta in txs:
+            if tx != self.prev_tx + 1:
+                self.bad = (self.prev_tx + 1, f"tx {self.prev_tx + 1} is missing")
+                return False
+            if self.prev_time is not None and tx_time <= self.prev_time:
+                self.bad = (tx, "tx_time does not increase")
+                return False
+            rows: list[tuple[Any, ...]] = []
+            if pending is not None and pending[0] == tx:
+                rows = pending[1]
+                pending = next(records, None)
+            elif pending is not None and pending[0] < tx:
+                self.bad = (pending[0], f"records of unknown tx {pending[0]}")
+                return False
+            if len(rows) != n_rec:
+                self.bad = (tx, f"expected {n_rec} records, found {len(rows)}")
+                return False
+            hashes = []
+            for row in rows:
+                rec = _record(row)
+                if _hash_of(rec) != rec.hash:
+                    self.bad = (tx, f"record {rec.id} does not match its hash")
+                    return False
+                hashes.append(rec.hash)
+            q_hashes = quarantine.pop(tx, [])
+            if len(q_hashes) != n_q:
+                self.bad = (tx, f"expected {n_q} quarantined items, found {len(q_hashes)}")
+                return False
+            if prev_h != self.prev_hash:
+                self.bad = (tx, "prev_hash does not match the previous tx")
+                return False
+            again = chain.tx_hash(
+                tx=tx, tx_time=tx_time.astimezone(UTC), prev_hash=self.prev_hash,
+                meta=json.loads(meta), record_hashes=hashes, quarantine_hashes=q_hashes,
+            )
+            if again != h:
+                self.bad = (tx, "tx hash does not match its contents")
+                return False
+            self.prev_tx, self.prev_hash, self.prev_time = tx, h, tx_time
+        leftover = [t for t in ([pending[0]] if pending else []) + list(quarantine)]
+        if leftover:
+            self.bad = (min(leftover), f"rows of unknown tx {min(leftover)}")
+            return False
+        return True
+
+
+def _hash_of(rec: Record) -> str:
+    return chain.record_hash(
+        id=rec.id, kind=rec.kind, action=rec.action, parent=rec.parent, data=rec.data,
+        valid_time=rec.valid_time, key=rec.key, headers=rec.headers, topic=rec.topic,
+        partition=rec.partition, offset=rec.offset, kafka_timestamp=rec.kafka_timestamp,
+    )

@@ -1,0 +1,279 @@
+"""The domain model: records, datoms, transactions and reports, and validation of new records.
+
+Everything here is plain Python; pyarrow and DuckDB types appear only in `ledger.storage`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ledger.errors import InvalidRecord, InvalidTime
+
+JSON = Any  # a value json.loads could return
+KINDS = ("command", "event")
+_FIELDS = frozenset(
+    {"id", "kind", "action", "parent", "data", "timestamp", "key", "headers",
+     "topic", "partition", "offset", "kafka_timestamp"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One command or event as stored, with the ledger's stamps."""
+
+    id: str
+    kind: str
+    action: str
+    data: dict[str, JSON]
+    valid_time: datetime
+    tx: int
+    seq: int
+    tx_time: datetime
+    hash: str
+    parent: str | None = None
+    key: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    kafka_timestamp: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Datom:
+    """An assertion (op=True) or retraction (op=False) of attribute `a` of entity `e`."""
+
+    e: str
+    a: str
+    v: JSON
+    tx: int
+    tx_time: datetime
+    op: bool
+    valid_time: datetime
+    record_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """One committed transaction with its metadata and records (what tx_range yields)."""
+
+    tx: int
+    tx_time: datetime
+    hash: str
+    prev_hash: str
+    meta: dict[str, JSON]
+    records: tuple[Record, ...] = ()
+    quarantined: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TxReport:
+    """What append() returns: the new transaction and what happened to each record."""
+
+    tx: int
+    tx_time: datetime
+    hash: str
+    ids: tuple[str, ...]  # ids of the records this tx stored, in order
+    duplicates: tuple[str, ...] = ()  # ids already in the ledger (or repeated in the batch)
+    quarantined: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """Result of recomputing the hash chain from stored data."""
+
+    ok: bool
+    checked: int
+    first_bad_tx: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """Raw input that could not become a record: kept with its provenance and the reason."""
+
+    reason: str
+    value: bytes | None
+    key: bytes | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    kafka_timestamp: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    """A validated record not yet stamped with tx / tx_time."""
+
+    id: str
+    kind: str
+    action: str
+    data: dict[str, JSON]
+    data_json: str
+    valid_time: datetime | None
+    parent: str | None
+    key: str | None
+    headers: tuple[tuple[str, str], ...]
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    kafka_timestamp: datetime | None
+
+
+def uuid7() -> str:
+    """A time-ordered UUIDv7 (RFC 9562): 48-bit ms timestamp, then random bits."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64
+    value |= 0b10 << 62 | rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
+
+
+def to_utc(value: object, what: str) -> datetime:
+    """A tz-aware UTC datetime from a datetime or ISO-8601 string; naive times are refused."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError as e:
+            raise InvalidTime(f"{what}: {value!r} is not an ISO-8601 instant") from e
+    if not isinstance(value, datetime):
+        raise InvalidTime(f"{what}: expected a datetime or ISO-8601 string, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidTime(f"{what}: {value.isoformat()} has no timezone; give an offset such as Z")
+    return value.astimezone(UTC)
+
+
+def dumps(value: JSON) -> str:
+    """Compact JSON that keeps key order and non-ASCII text; refuses NaN and infinities."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _check_json(value: object, path: str) -> None:
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{path} is {value}, which JSON cannot represent")
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{path} has a non-string key {k!r}")
+            _check_json(v, f"{path}.{k}")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_json(v, f"{path}[{i}]")
+        return
+    raise ValueError(f"{path} is a {type(value).__name__}, which is not a JSON value")
+
+
+def _headers(value: object) -> tuple[tuple[str, str], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    if not isinstance(items, (Sequence, type({}.items()))) or isinstance(items, (str, bytes)):
+        raise ValueError("must be a mapping or a list of (name, value) pairs")
+    out = []
+    pair: object
+    for pair in items:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError("must be a mapping or a list of (name, value) pairs")
+        name, val = pair
+        if isinstance(val, bytes):
+            val = val.decode("utf-8", "backslashreplace")
+        if not isinstance(name, str) or not isinstance(val, str):
+            raise ValueError(f"header {name!r}: names and values must be strings")
+        out.append((name, val))
+    return tuple(out)
+
+
+def _optional_str(rec: Mapping[str, object], name: str) -> str | None:
+    value = rec.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _optional_int(rec: Mapping[str, object], name: str) -> int | None:
+    value = rec.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("must be a non-negative integer")
+    return value
+
+
+def validate(index: int, rec: object) -> NewRecord:
+    """Check one input mapping and normalise it; raises InvalidRecord naming the field."""
+    if not isinstance(rec, Mapping):
+        raise InvalidRecord(index, "*", f"a record must be a mapping, got {type(rec).__name__}")
+    unknown = sorted(set(rec) - _FIELDS)
+    if unknown:
+        raise InvalidRecord(index, unknown[0], f"unknown field; allowed: {', '.join(sorted(_FIELDS))}")
+    name = "kind"
+    try:
+        kind = rec.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"must be 'command' or 'event', got {kind!r}")
+        name = "action"
+        action = rec.get("action")
+        if not isinstance(action, str) or not action.strip():
+            raise ValueError("must be a non-empty string")
+        name = "data"
+        data = rec.get("data")
+        if not isinstance(data, Mapping):
+            raise ValueError(f"must be a JSON object, got {type(data).__name__}")
+        _check_json(data, "data")
+        data = dict(data)
+        name = "id"
+        raw_id = rec.get("id")
+        if raw_id is None:
+            rid = uuid7()
+        elif isinstance(raw_id, uuid.UUID):
+            rid = str(raw_id)
+        elif isinstance(raw_id, str):
+            try:
+                rid = str(uuid.UUID(raw_id))
+            except ValueError as e:
+                raise ValueError(f"{raw_id!r} is not a UUID") from e
+        else:
+            raise ValueError(f"must be a UUID, got {type(raw_id).__name__}")
+        name = "parent"
+        parent = rec.get("parent")
+        parent = str(parent) if isinstance(parent, uuid.UUID) else _optional_str(rec, "parent")
+        name = "timestamp"
+        ts = rec.get("timestamp")
+        valid_time = None if ts is None else to_utc(ts, "timestamp")
+        name = "kafka_timestamp"
+        kts = rec.get("kafka_timestamp")
+        kafka_ts = None if kts is None else to_utc(kts, "kafka_timestamp")
+        name = "key"
+        key = _optional_str(rec, "key")
+        name = "headers"
+        headers = _headers(rec.get("headers") or ())
+        name = "topic"
+        topic = _optional_str(rec, "topic")
+        name = "partition"
+        partition = _optional_int(rec, "partition")
+        name = "offset"
+        offset = _optional_int(rec, "offset")
+    except (ValueError, InvalidTime) as e:
+        raise InvalidRecord(index, name, str(e)) from e
+    return NewRecord(
+        id=rid, kind=kind, action=action, data=data, data_json=dumps(data),
+        valid_time=valid_time, parent=parent, key=key, headers=headers, topic=topic,
+        partition=partition, offset=offset, kafka_timestamp=kafka_ts,
+    )

@@ -1,0 +1,114 @@
+"""The DuckDB side of a ledger: the catalog (config, segments, offsets, record ids) and the tail
+(transactions not yet sealed into Parquet), plus the SQL for the union that readers query."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+# Columns of each sealed relation, in storage order. The tail tables and the Parquet segments
+# share them exactly, so a reader can UNION ALL the two.
+RELATIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "records": (
+        ("tx", "BIGINT NOT NULL"),
+        ("seq", "INTEGER NOT NULL"),
+        ("id", "VARCHAR NOT NULL"),
+        ("kind", "VARCHAR NOT NULL"),
+        ("action", "VARCHAR NOT NULL"),
+        ("parent", "VARCHAR"),
+        ("data", "JSON NOT NULL"),
+        ("valid_time", "TIMESTAMPTZ NOT NULL"),
+        ("tx_time", "TIMESTAMPTZ NOT NULL"),
+        ("key", "VARCHAR"),
+        ("headers", "JSON"),
+        ("kafka_topic", "VARCHAR"),
+        ("kafka_partition", "INTEGER"),
+        ("kafka_offset", "BIGINT"),
+        ("kafka_timestamp", "TIMESTAMPTZ"),
+        ("hash", "VARCHAR NOT NULL"),
+    ),
+    "datoms": (
+        ("e", "VARCHAR NOT NULL"),
+        ("a", "VARCHAR NOT NULL"),
+        ("v", "JSON"),
+        ("op", "BOOLEAN NOT NULL"),
+        ("tx", "BIGINT NOT NULL"),
+        ("seq", "INTEGER NOT NULL"),
+        ("tx_time", "TIMESTAMPTZ NOT NULL"),
+        ("valid_time", "TIMESTAMPTZ NOT NULL"),
+        ("record_id", "VARCHAR NOT NULL"),
+    ),
+    "transactions": (
+        ("tx", "BIGINT NOT NULL"),
+        ("tx_time", "TIMESTAMPTZ NOT NULL"),
+        ("prev_hash", "VARCHAR NOT NULL"),
+        ("hash", "VARCHAR NOT NULL"),
+        ("record_count", "INTEGER NOT NULL"),
+        ("quarantine_count", "INTEGER NOT NULL"),
+        ("meta", "JSON NOT NULL"),
+    ),
+    "quarantine": (
+        ("tx", "BIGINT NOT NULL"),
+        ("seq", "INTEGER NOT NULL"),
+        ("reason", "VARCHAR NOT NULL"),
+        ("value", "BLOB"),
+        ("key", "BLOB"),
+        ("headers", "JSON"),
+        ("kafka_topic", "VARCHAR"),
+        ("kafka_partition", "INTEGER"),
+        ("kafka_offset", "BIGINT"),
+        ("kafka_timestamp", "TIMESTAMPTZ"),
+        ("hash", "VARCHAR NOT NULL"),
+    ),
+}
+
+# Sort order inside a sealed segment: datoms by entity so a lookup reads one row group per segment.
+SEAL_ORDER = {
+    "records": "tx, seq",
+    "datoms": "e, a, tx, seq",
+    "transactions": "tx",
+    "quarantine": "tx, seq",
+}
+
+CATALOG_DDL = [
+    "CREATE TABLE IF NOT EXISTS ledger_meta (key VARCHAR PRIMARY KEY, value JSON NOT NULL)",
+    # Every record id ever stored: the primary key is what makes append() exactly-once.
+    "CREATE TABLE IF NOT EXISTS record_ids (id UUID PRIMARY KEY)",
+    """CREATE TABLE IF NOT EXISTS segments (
+        first_tx BIGINT PRIMARY KEY, last_tx BIGINT NOT NULL, dir VARCHAR NOT NULL,
+        records BIGINT NOT NULL, files JSON NOT NULL, sealed_at TIMESTAMPTZ NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS offsets (
+        consumer VARCHAR NOT NULL, topic VARCHAR NOT NULL, partition INTEGER NOT NULL,
+        next_offset BIGINT NOT NULL, tx BIGINT NOT NULL, PRIMARY KEY (consumer, topic, partition))""",
+    *(
+        f"CREATE TABLE IF NOT EXISTS tail_{name} ("
+        + ", ".join(f"{col} {typ}" for col, typ in cols)
+        + ")"
+        for name, cols in RELATIONS.items()
+    ),
+]
+
+
+def columns(relation: str) -> str:
+    return ", ".join(col for col, _ in RELATIONS[relation])
+
+
+def quote(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def union_sql(relation: str, files: Sequence[str], where: str | None = None) -> str:
+    """The tail table plus every sealed Parquet file of one relation, as one SELECT.
+
+    The filter is repeated on both sides so DuckDB prunes Parquet row groups by their statistics.
+    """
+    cols = columns(relation)
+    cond = f" WHERE {where}" if where else ""
+    sql = f"SELECT {cols} FROM tail_{relation}{cond}"
+    if files:
+        paths = ", ".join(quote(f) for f in files)
+        sql += f" UNION ALL SELECT {cols} FROM read_parquet([{paths}]){cond}"
+    return sql

@@ -1,0 +1,110 @@
+"""Sealed segments: immutable zstd Parquet files, one directory per tx range, written under a temp
+name, fsynced, then renamed into place; and the manifest that lets anyone read them without us."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from ledger.storage.catalog import RELATIONS, SEAL_ORDER, columns, quote
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import duckdb
+
+SEGMENTS_DIR = "segments"
+MANIFEST = "manifest.json"
+FORMAT = "commander-ledger/1"
+_ROW_GROUP = {"datoms": 16_384}  # small row groups: an entity lookup reads little
+
+
+def segment_name(first_tx: int, last_tx: int) -> str:
+    return f"{first_tx:012d}-{last_tx:012d}"
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_segment(
+    con: duckdb.DuckDBPyConnection, root: Path, first_tx: int, last_tx: int
+) -> dict[str, str]:
+    """Copy tail rows with first_tx <= tx <= last_tx into a new segment directory.
+
+    Returns {relation: sha256 of its file}. The directory appears under its final name only once
+    every file in it is complete and on disk; a crash before that leaves a `.tmp-` directory that
+    `clean_orphans` removes.
+    """
+    segs = root / SEGMENTS_DIR
+    name = segment_name(first_tx, last_tx)
+    tmp = segs / f".tmp-{name}"
+    final = segs / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hashes = {}
+    for relation in RELATIONS:
+        out = tmp / f"{relation}.parquet"
+        options = "FORMAT parquet, COMPRESSION zstd"
+        if relation in _ROW_GROUP:
+            options += f", ROW_GROUP_SIZE {_ROW_GROUP[relation]}"
+        con.execute(
+            f"COPY (SELECT {columns(relation)} FROM tail_{relation} "
+            f"WHERE tx BETWEEN {first_tx} AND {last_tx} ORDER BY {SEAL_ORDER[relation]}) "
+            f"TO {quote(str(out))} ({options})"
+        )
+        fsync_path(out)
+        hashes[relation] = sha256_file(out)
+    fsync_path(tmp)
+    if final.exists():  # left by a crash after the rename but before the catalog commit
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(segs)
+    return hashes
+
+
+def clean_orphans(root: Path, registered: set[str]) -> list[str]:
+    """Remove segment directories the catalog does not know (interrupted seals)."""
+    segs = root / SEGMENTS_DIR
+    removed = []
+    if segs.is_dir():
+        for child in sorted(segs.iterdir()):
+            if child.name not in registered:
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child.name)
+    return removed
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Atomically replace manifest.json (temp file, fsync, rename)."""
+    tmp = root / f".{MANIFEST}.tmp"
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / MANIFEST)
+    fsync_path(root)
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    try:
+        with (root / MANIFEST).open(encoding="utf-8") as f:
+            data: dict[str, Any] = json.load(f)
+            return data
+    except FileNotFoundError:
+        return None

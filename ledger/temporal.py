@@ -1,0 +1,175 @@
+"""Database values: the ledger pinned to a basis tx (as-of), optionally after a tx (since) and at a
+valid time (bitemporal). Each read runs in one DuckDB snapshot, so it never sees half a tx."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+
+from ledger.errors import InvalidQuery, InvalidTime
+from ledger.records import Datom, to_utc
+from ledger.storage.catalog import union_sql
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    import pyarrow as pa
+
+    from ledger.ledger import Ledger
+
+TimePoint = int | datetime | str  # a tx number, or an instant in transaction time
+_ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """Which part of the log a read sees."""
+
+    basis: int  # tx <= basis
+    since: int | None = None  # tx > since
+    valid_at: datetime | None = None  # valid_time <= valid_at
+
+    def where(self, *, valid: bool = True) -> str:
+        parts = [f"tx <= {self.basis}"]
+        if self.since is not None:
+            parts.append(f"tx > {self.since}")
+        if valid and self.valid_at is not None:
+            parts.append(f"valid_time <= '{self.valid_at.isoformat()}'::TIMESTAMPTZ")
+        return " AND ".join(parts)
+
+    @property
+    def latest_first(self) -> str:
+        """Which assertion wins: the latest in valid time when valid_at is given, else in tx order."""
+        if self.valid_at is not None:
+            return "valid_time DESC, tx DESC, seq DESC"
+        return "tx DESC, seq DESC"
+
+
+def relation_views(pin: Pin, files: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """The SQL of every relation a query sees, restricted to `pin`."""
+    def pinned(relation: str, valid: bool) -> str:
+        return union_sql(relation, files[relation], where=pin.where(valid=valid))
+
+    return {
+        "log": pinned("records", True),
+        "commands": "SELECT * FROM log WHERE kind = 'command'",
+        "events": "SELECT * FROM log WHERE kind = 'event'",
+        "datoms": pinned("datoms", True),
+        "entities": (
+            "SELECT e, json_group_object(a, v) AS state, max(tx) AS tx, max(tx_time) AS tx_time "
+            "FROM (SELECT * FROM datoms QUALIFY row_number() OVER "
+            f"(PARTITION BY e, a ORDER BY {pin.latest_first}) = 1) WHERE op GROUP BY e"
+        ),
+        "transactions": pinned("transactions", False),
+        "quarantine": pinned("quarantine", False),
+    }
+
+
+def check_read_only(query: str) -> None:
+    """Only single SELECT / EXPLAIN statements run; everything else is refused by name."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as e:
+        raise InvalidQuery(str(e)) from e
+    if len(statements) != 1:
+        raise InvalidQuery(f"expected one SQL statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind not in _ALLOWED:
+        raise InvalidQuery(f"only SELECT queries are allowed, not {kind.name}")
+
+
+class Database:
+    """An immutable value of the ledger: every read on it answers the same forever."""
+
+    def __init__(self, ledger: Ledger, pin: Pin) -> None:
+        self._ledger = ledger
+        self.pin = pin
+
+    def __repr__(self) -> str:
+        return f"<Database basis_tx={self.pin.basis} since={self.pin.since} valid_at={self.pin.valid_at}>"
+
+    @property
+    def basis_tx(self) -> int:
+        return self.pin.basis
+
+    def as_of(self, t: TimePoint) -> Database:
+        return Database(self._ledger, replace(self.pin, basis=min(self.pin.basis, self._ledger.resolve(t))))
+
+    def since(self, t: TimePoint) -> Database:
+        return Database(self._ledger, replace(self.pin, since=self._ledger.resolve(t)))
+
+    def valid_at(self, instant: datetime | str) -> Database:
+        return Database(self._ledger, replace(self.pin, valid_at=to_utc(instant, "valid_at")))
+
+    def _with_valid(self, valid_at: datetime | str | None) -> Pin:
+        return self.pin if valid_at is None else replace(self.pin, valid_at=to_utc(valid_at, "valid_at"))
+
+    def entity(self, e: str, *, valid_at: datetime | str | None = None) -> dict[str, Any] | None:
+        """The entity's attributes, or None when it has none (never seen, or deleted)."""
+        pin = self._with_valid(valid_at)
+        with self._ledger.snapshot() as (cur, files):
+            datoms = union_sql("datoms", files["datoms"], where="e = $e AND " + pin.where())
+            rows = cur.execute(
+                f"SELECT a, v FROM ({datoms}) "
+                f"QUALIFY row_number() OVER (PARTITION BY a ORDER BY {pin.latest_first}) = 1 "
+                "AND op ORDER BY a",
+                {"e": str(e)},
+            ).fetchall()
+        return {a: json.loads(v) for a, v in rows} or None
+
+    def history(
+        self, e: str, *, since: TimePoint | None = None, until: TimePoint | None = None
+    ) -> list[Datom]:
+        """Every assertion and retraction of the entity with since < tx <= until, in tx order."""
+        pin = self.pin
+        if since is not None:
+            lower = self._ledger.resolve(since)
+            pin = replace(pin, since=lower if pin.since is None else max(pin.since, lower))
+        if until is not None:
+            pin = replace(pin, basis=min(pin.basis, self._ledger.resolve(until)))
+        with self._ledger.snapshot() as (cur, files):
+            rows = cur.execute(
+                "SELECT e, a, v, tx, tx_time, op, valid_time, record_id FROM "
+                f"({union_sql('datoms', files['datoms'], where='e = $e AND ' + pin.where())}) "
+                "ORDER BY tx, seq, a",
+                {"e": str(e)},
+            ).fetchall()
+        return [
+            Datom(e=r[0], a=r[1], v=None if r[2] is None else json.loads(r[2]), tx=r[3],
+                  tx_time=r[4].astimezone(UTC), op=r[5], valid_time=r[6].astimezone(UTC),
+                  record_id=r[7])
+            for r in rows
+        ]
+
+    def sql(
+        self,
+        query: str,
+        *,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        valid_at: datetime | str | None = None,
+    ) -> pa.Table:
+        """Run one SELECT over log, commands, events, datoms, entities, transactions, quarantine."""
+        check_read_only(query)
+        pin = self._with_valid(valid_at)
+        with self._ledger.snapshot() as (cur, files):
+            for name, body in relation_views(pin, files).items():
+                cur.execute(f"CREATE TEMP VIEW {name} AS {body}")
+            try:
+                return cur.sql(query, params=params).to_arrow_table()
+            except duckdb.Error as e:
+                raise InvalidQuery(str(e).strip()) from e
+
+
+def check_time_point(t: object, what: str) -> int | datetime:
+    """Validate a time argument: a non-negative tx number, or a tz-aware instant."""
+    if isinstance(t, bool):
+        raise InvalidTime(f"{what}: expected a tx number or an instant, got a bool")
+    if isinstance(t, int):
+        if t < 0:
+            raise InvalidTime(f"{what}: tx numbers start at 0, got {t}")
+        return t
+    return to_utc(t, what)
