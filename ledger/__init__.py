@@ -11,11 +11,11 @@ from ledger.errors import (
     ReadOnly,
 )
 from ledger.ledger import Ledger
-from ledger.records import Datom, Quarantined, Record, Transaction, TxReport, VerifyReport
+from ledger.records import Datom, OffsetMark, Quarantined, Record, Transaction, TxReport, VerifyReport
 from ledger.temporal import Database
 
 __all__ = [
     "ConfigMismatch", "CorruptLedger", "Database", "Datom", "InvalidQuery", "InvalidRecord",
-    "InvalidTime", "Ledger", "LedgerError", "LedgerLocked", "Quarantined", "ReadOnly", "Record",
+    "InvalidTime", "Ledger", "LedgerError", "LedgerLocked", "OffsetMark", "Quarantined", "ReadOnly", "Record",
     "Transaction", "TxReport", "VerifyReport",
 ]

@@ -26,6 +26,7 @@ from ledger.errors import (
 )
 from ledger.records import (
     NewRecord,
+    OffsetMark,
     Quarantined,
     Record,
     Transaction,
@@ -126,6 +127,7 @@ class Ledger:
             ) from e
         try:
             con.execute("SET TimeZone = 'UTC'")
+            con.execute("SET parquet_metadata_cache = true")  # segments never change once written
             for ddl in CATALOG_DDL:
                 con.execute(ddl)
             cls._settle_config(con, entity_path, deletion)
@@ -167,6 +169,7 @@ class Ledger:
             raise CorruptLedger(f"no ledger at {root} (missing {DB_FILE})")
         con = duckdb.connect()
         con.execute("SET TimeZone = 'UTC'")
+        con.execute("SET parquet_metadata_cache = true")
         for ddl in CATALOG_DDL:
             con.execute(ddl)
         copied = ["ledger_meta", "segments", "offsets", *(f"tail_{r}" for r in RELATIONS)]
@@ -256,11 +259,17 @@ class Ledger:
         return self._head
 
     def _read_head(self) -> Head:
+        # The tail holds the newest txs; only when it is empty is the head in the last segment.
+        # Reading no other segment keeps open() (and so verify()) working when one is damaged.
+        newest = "SELECT tx, tx_time, hash FROM {} ORDER BY tx DESC LIMIT 1"
         with self.snapshot() as (cur, files):
-            row = cur.execute(
-                f"SELECT tx, tx_time, hash FROM ({union_sql('transactions', files['transactions'])}) "
-                "ORDER BY tx DESC LIMIT 1"
-            ).fetchone()
+            try:
+                row = cur.execute(newest.format("tail_transactions")).fetchone()
+                if row is None and files["transactions"]:
+                    last = f"read_parquet({quote(files['transactions'][-1])})"
+                    row = cur.execute(newest.format(last)).fetchone()
+            except duckdb.Error as e:  # a damaged or missing segment file
+                raise CorruptLedger(f"cannot read the transactions of {self.root}: {e}") from e
         return _EMPTY_HEAD if row is None else Head(row[0], row[1].astimezone(UTC), row[2])
 
     def resolve(self, t: TimePoint) -> int:
@@ -330,13 +339,14 @@ class Ledger:
             for t, tt, h, p, m, q in txs
         ]
 
-    def offsets(self, consumer: str) -> dict[tuple[str, int], int]:
-        """The next offset to read per (topic, partition), as committed with the records."""
+    def offsets(self, consumer: str) -> dict[tuple[str, int], OffsetMark]:
+        """Where `consumer` stands per (topic, partition), as committed with the records."""
         with self.snapshot() as (cur, _):
             rows = cur.execute(
-                "SELECT topic, partition, next_offset FROM offsets WHERE consumer = ?", [consumer]
+                "SELECT topic, partition, next_offset, generation, last_digest FROM offsets "
+                "WHERE consumer = ?", [consumer]
             ).fetchall()
-        return {(t, p): o for t, p, o in rows}
+        return {(t, p): OffsetMark(o, g, d) for t, p, o, g, d in rows}
 
     def digest(self) -> dict[str, Any]:
         """The latest transaction's number, time and hash: publish it to pin the history."""
@@ -346,13 +356,13 @@ class Ledger:
     # ----------------------------------------------------------------------------------- writes
     def append(
         self, records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any] | None = None, *,
-        quarantine: Sequence[Quarantined] = (), offsets: Mapping[OffsetKey, int] | None = None,
+        quarantine: Sequence[Quarantined] = (), offsets: Mapping[OffsetKey, OffsetMark] | None = None,
     ) -> TxReport:
         """Append records as one atomic transaction.
 
         Records whose id is already stored (or repeated in this batch) are not stored again and
         are listed in the report's `duplicates`. `quarantine` (raw input that could not become a
-        record) and `offsets` ({(consumer, topic, partition): next offset}) commit in the same
+        record) and `offsets` ({(consumer, topic, partition): OffsetMark}) commit in the same
         transaction, which is what makes Kafka ingestion exactly-once.
         """
         checked = [validate(i, r) for i, r in enumerate(records)]
@@ -374,7 +384,7 @@ class Ledger:
 
     def _commit(
         self, checked: list[NewRecord], meta: dict[str, Any],
-        quarantine: Sequence[Quarantined], offsets: Mapping[OffsetKey, int],
+        quarantine: Sequence[Quarantined], offsets: Mapping[OffsetKey, OffsetMark],
     ) -> TxReport:
         head = self._head
         tx = head.tx + 1
@@ -420,8 +430,9 @@ class Ledger:
                     con.unregister("_batch")
             if offsets:
                 con.executemany(
-                    "INSERT OR REPLACE INTO offsets VALUES (?, ?, ?, ?, ?)",
-                    [[c, t, p, o, tx] for (c, t, p), o in offsets.items()],
+                    "INSERT OR REPLACE INTO offsets VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [[c, t, p, m.next_offset, m.generation, m.last_digest, tx]
+                     for (c, t, p), m in offsets.items()],
                 )
             con.execute("COMMIT")
         except BaseException:
@@ -655,7 +666,10 @@ class _ChainCheck:
     def report(self) -> VerifyReport:
         if self.bad is None:
             return VerifyReport(ok=True, checked=self.prev_tx)
-        return VerifyReport(ok=False, checked=self.prev_tx, first_bad_tx=self.bad[0], reason=self.bad[1])
+        # A segment can fail (file hash, read error) after some of its txs were walked: those count
+        # as checked only if they come before the first bad tx.
+        checked = min(self.prev_tx, self.bad[0] - 1)
+        return VerifyReport(ok=False, checked=checked, first_bad_tx=self.bad[0], reason=self.bad[1])
 
     def source(self, cur: duckdb.DuckDBPyConnection, tables: Mapping[str, str]) -> bool:
         """Check one source's transactions; False (and `bad` set) at the first mismatch."""

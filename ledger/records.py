@@ -111,6 +111,15 @@ class Quarantined:
 
 
 @dataclass(frozen=True, slots=True)
+class OffsetMark:
+    """A consumer's position in one partition, stored in the same transaction as the records."""
+
+    next_offset: int
+    generation: int = 0
+    last_digest: str | None = None  # sha256 of the last message consumed: detects a recreated topic
+
+
+@dataclass(frozen=True, slots=True)
 class NewRecord:
     """A validated record not yet stamped with tx / tx_time."""
 
@@ -152,7 +161,19 @@ def to_utc(value: object, what: str) -> datetime:
         raise InvalidTime(f"{what}: expected a datetime or ISO-8601 string, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidTime(f"{what}: {value.isoformat()} has no timezone; give an offset such as Z")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as e:  # e.g. 0001-01-01T00:00+05:00 is in year 0 in UTC
+        raise InvalidTime(f"{what}: {value.isoformat()} is outside the years 1-9999 in UTC") from e
+
+
+def _text(value: str, what: str) -> str:
+    """`value` if it can be stored as UTF-8; lone surrogates (e.g. from bad decoding) cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} has a lone surrogate {value[e.start]!r}, which is not UTF-8") from e
+    return value
 
 
 def dumps(value: JSON) -> str:
@@ -161,7 +182,10 @@ def dumps(value: JSON) -> str:
 
 
 def _check_json(value: object, path: str) -> None:
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, (bool, int)):
+        return
+    if isinstance(value, str):
+        _text(value, path)
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -171,7 +195,7 @@ def _check_json(value: object, path: str) -> None:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ValueError(f"{path} has a non-string key {k!r}")
-            _check_json(v, f"{path}.{k}")
+            _check_json(v, f"{path}.{_text(k, f'{path} key')}")
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
@@ -194,7 +218,7 @@ def _headers(value: object) -> tuple[tuple[str, str], ...]:
             val = val.decode("utf-8", "backslashreplace")
         if not isinstance(name, str) or not isinstance(val, str):
             raise ValueError(f"header {name!r}: names and values must be strings")
-        out.append((name, val))
+        out.append((_text(name, "header name"), _text(val, f"header {name!r}")))
     return tuple(out)
 
 
@@ -204,7 +228,7 @@ def _optional_str(rec: Mapping[str, object], name: str) -> str | None:
         return None
     if not isinstance(value, str) or not value:
         raise ValueError("must be a non-empty string")
-    return value
+    return _text(value, name)
 
 
 def _optional_int(rec: Mapping[str, object], name: str) -> int | None:
@@ -232,6 +256,7 @@ def validate(index: int, rec: object) -> NewRecord:
         action = rec.get("action")
         if not isinstance(action, str) or not action.strip():
             raise ValueError("must be a non-empty string")
+        _text(action, "action")
         name = "data"
         data = rec.get("data")
         if not isinstance(data, Mapping):

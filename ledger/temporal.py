@@ -4,6 +4,7 @@ valid time (bitemporal). Each read runs in one DuckDB snapshot, so it never sees
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
 TimePoint = int | datetime | str  # a tx number, or an instant in transaction time
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+_RELATION_NAME = re.compile(
+    r"\b(log|commands|events|datoms|entities|transactions|quarantine)\b", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,16 @@ def relation_views(pin: Pin, files: Mapping[str, Sequence[str]]) -> dict[str, st
         "transactions": pinned("transactions", False),
         "quarantine": pinned("quarantine", False),
     }
+
+
+def needed_relations(query: str) -> set[str]:
+    """The relations a query may mention (binding a view over Parquet is not free)."""
+    names = {m.lower() for m in _RELATION_NAME.findall(query)}
+    if names & {"commands", "events"}:
+        names.add("log")
+    if "entities" in names:
+        names.add("datoms")
+    return names
 
 
 def check_read_only(query: str) -> None:
@@ -157,7 +171,8 @@ class Database:
         pin = self._with_valid(valid_at)
         with self._ledger.snapshot() as (cur, files):
             for name, body in relation_views(pin, files).items():
-                cur.execute(f"CREATE TEMP VIEW {name} AS {body}")
+                if name in needed_relations(query):
+                    cur.execute(f"CREATE TEMP VIEW {name} AS {body}")
             try:
                 return cur.sql(query, params=params).to_arrow_table()
             except duckdb.Error as e:

@@ -1,0 +1,323 @@
+"""The `ledger` command: one entry point, one subcommand per job, errors as one line on stderr.
+
+Settings come from `LEDGER_*` environment variables; flags override them. To add a subcommand,
+write an `add_arguments(parser)` and a `run(args) -> int` and register them in `SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+
+from ledger.errors import InvalidTime, LedgerError
+from ledger.ledger import Ledger
+from ledger.records import to_utc
+from ledger.temporal import check_time_point
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from ledger.temporal import TimePoint
+
+PROG = "ledger"
+DEFAULT_DATA_DIR = "./data"
+FORMATS = ("table", "csv", "json")
+
+# Exit codes: 0 success, 1 the command ran and failed (or verify found tampering), 2 bad command line.
+OK, FAILED, USAGE = 0, 1, 2
+
+
+class UsageError(LedgerError):
+    """The command line is wrong: an unknown flag, a malformed value, a missing argument."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so every error is one line."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix(PROG).strip()
+        hint = f" (see '{self.prog} --help')" if command else f" (see '{PROG} --help')"
+        raise UsageError(message + hint)
+
+
+# ------------------------------------------------------------------------------- settings
+def setting(flag: str | None, env: str, default: str) -> str:
+    """A flag's value if given, else the environment variable, else the default."""
+    if flag is not None:
+        return flag
+    return os.environ.get(env) or default
+
+
+def add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", metavar="D",
+        help=f"the ledger's data directory (env LEDGER_DATA_DIR, default {DEFAULT_DATA_DIR})",
+    )
+
+
+def data_dir(args: argparse.Namespace) -> Path:
+    return Path(setting(args.data_dir, "LEDGER_DATA_DIR", DEFAULT_DATA_DIR))
+
+
+def open_snapshot(args: argparse.Namespace) -> Ledger:
+    """A read-only snapshot of an existing ledger; never creates one, never blocks its writer."""
+    root = data_dir(args)
+    if not root.is_dir():
+        raise LedgerError(
+            f"no ledger at {root}: the directory does not exist (set --data-dir or LEDGER_DATA_DIR)"
+        )
+    lg = Ledger.open(root, read_only=True)
+    if lg.note:
+        print(f"note: {one_line(lg.note)}", file=sys.stderr)
+    return lg
+
+
+# ---------------------------------------------------------------------------- value types
+def time_point(text: str) -> TimePoint:
+    """argparse type for --as-of: digits are a tx number, anything else an ISO-8601 instant."""
+    try:
+        if re.fullmatch(r"[+-]?\d+", text.strip()):
+            return check_time_point(int(text), "--as-of")
+        return to_utc(text, "--as-of")
+    except InvalidTime as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--as-of: ")) from e
+
+
+def instant(text: str) -> datetime:
+    """argparse type for --valid-at: valid time is the records' own clock, so only instants."""
+    try:
+        return to_utc(text, "--valid-at")
+    except InvalidTime as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--valid-at: ")) from e
+
+
+def sql_params(text: str) -> list[Any] | dict[str, Any]:
+    """argparse type for --params: a JSON array ($1, $2, ...) or object ($name)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+    if not isinstance(value, (list, dict)):
+        raise argparse.ArgumentTypeError("expected a JSON array (for $1, $2, ...) or object (for $name)")
+    return value
+
+
+# ------------------------------------------------------------------------------------ sql
+def add_sql(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("query", help="one SELECT (or EXPLAIN); '-' reads it from stdin")
+    parser.add_argument("--as-of", type=time_point, metavar="T",
+                        help="a tx number, or an ISO-8601 instant in transaction time")
+    parser.add_argument("--valid-at", type=instant, metavar="T",
+                        help="an ISO-8601 instant in valid time (makes the read bitemporal)")
+    parser.add_argument("--format", choices=FORMATS, default="table",
+                        help="table (aligned text, default), csv, or json (one JSON object per line)")
+    parser.add_argument("--params", type=sql_params, metavar="JSON",
+                        help='query parameters: a JSON array for $1, $2 or an object for $name')
+    add_data_dir(parser)
+
+
+def run_sql(args: argparse.Namespace) -> int:
+    query = sys.stdin.read() if args.query == "-" else args.query
+    with open_snapshot(args) as lg:
+        table = lg.sql(query, as_of=args.as_of, valid_at=args.valid_at, params=args.params)
+    {"table": write_table, "csv": write_csv, "json": write_json}[args.format](table)
+    return OK
+
+
+def write_table(table: pa.Table) -> None:
+    names = table.column_names
+    columns = [[cell(v) for v in col.to_pylist()] for col in table.columns]
+    widths = [max([len(n), *map(len, col)]) for n, col in zip(names, columns, strict=True)]
+    numeric = [_is_numeric(t) for t in table.schema.types]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            (v.rjust(w) if right else v.ljust(w)) for v, w, right in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    out = [line(names), line(["-" * w for w in widths])]
+    out += [line(row) for row in zip(*columns, strict=True)] if columns else []
+    rows = table.num_rows
+    out.append(f"({rows} row{'' if rows == 1 else 's'})")
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+def write_csv(table: pa.Table) -> None:
+    """RFC 4180 CSV with a header; types CSV cannot hold (lists, structs, intervals) become JSON text."""
+    cols = []
+    for col in table.columns:
+        try:
+            if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+                raise pa.ArrowNotImplementedError("blob")
+            col.cast(pa.string())
+            cols.append(col)
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            cols.append(pa.array([None if v is None else cell(v) for v in col.to_pylist()], pa.string()))
+    sys.stdout.flush()
+    buffer = io.BytesIO()
+    pa_csv.write_csv(pa.table(cols, names=table.column_names), buffer)
+    sys.stdout.buffer.write(buffer.getvalue())
+
+
+def write_json(table: pa.Table) -> None:
+    """JSON Lines: one object per row, so output streams and pipes into jq row by row."""
+    for row in table.to_pylist():
+        sys.stdout.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def cell(value: Any) -> str:
+    """A value as one line of text: NULL for null, ISO-8601 for times, JSON for nested values."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return _blob(value)
+    if isinstance(value, (int, float, Decimal)):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        if value == value.to_integral_value():
+            return int(value)
+        as_float = float(value)
+        return as_float if Decimal(repr(as_float)) == value else str(value)
+    if isinstance(value, bytes):
+        return _blob(value)
+    return str(value)
+
+
+def _blob(value: bytes) -> str:
+    """Bytes the way DuckDB prints a BLOB: printable ASCII as is, everything else as \\xNN."""
+    return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02X}" for b in value)
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t))
+
+
+# --------------------------------------------------------------------------------- verify
+def add_verify(parser: argparse.ArgumentParser) -> None:
+    add_data_dir(parser)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    with open_snapshot(args) as lg:
+        report = lg.verify()
+        head = lg.digest()
+    if report.ok:
+        print(f"ok: checked {report.checked} transactions; latest tx {head['tx']} hash {head['hash']}")
+        return OK
+    print(f"FAILED at tx {report.first_bad_tx}: {one_line(report.reason or 'unknown reason')}")
+    return FAILED
+
+
+# ----------------------------------------------------------------------------------- info
+_INFO_LABELS = {
+    "data_dir": "data dir", "tx": "latest tx", "tx_time": "latest tx time", "hash": "latest hash",
+    "transactions": "transactions", "records": "records", "commands": "commands", "events": "events",
+    "datoms": "datoms", "quarantined": "quarantined", "segments": "segments",
+    "sealed_through_tx": "sealed through tx", "bytes_on_disk": "bytes on disk", "complete": "complete",
+}
+
+
+def add_info(parser: argparse.ArgumentParser) -> None:
+    add_data_dir(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    with open_snapshot(args) as lg:
+        info = lg.info()
+    if args.json:
+        print(json.dumps(info, default=_json_default))
+        return OK
+    width = max(map(len, _INFO_LABELS.values()))
+    for key, label in _INFO_LABELS.items():
+        if key in info:
+            value = info[key]
+            text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else cell(value)
+            print(f"{label.ljust(width)}  {text}")
+    return OK
+
+
+# ----------------------------------------------------------------------------- the command
+@dataclass(frozen=True, slots=True)
+class Subcommand:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "sql": Subcommand("run one read-only SQL query (as of a tx or instant)", add_sql, run_sql),
+    "verify": Subcommand("recompute the hash chain; exit 1 naming the first bad tx", add_verify, run_verify),
+    "info": Subcommand("counts, latest tx, segments and size on disk", add_info, run_info),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Commander Ledger: a temporal ledger of commands and events.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; every failure becomes one line on stderr and a non-zero exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.run(args))
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else OK
+    except UsageError as e:
+        return _fail(str(e), USAGE)
+    except LedgerError as e:
+        return _fail(str(e), FAILED)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`ledger sql ... | head`): stop quietly, as other Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return FAILED
+    except Exception as e:
+        if os.environ.get("LEDGER_DEBUG"):
+            raise
+        return _fail(f"{type(e).__name__}: {e} (set LEDGER_DEBUG=1 for a traceback)", FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

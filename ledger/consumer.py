@@ -1,0 +1,341 @@
+"""Kafka ingestion: an aiokafka consumer group appending every command and event to the ledger
+exactly once, with bad input quarantined instead of dropped.
+
+Exactly-once comes from the ledger, not from Kafka: each batch's offsets are committed in the same
+ledger transaction as its records, partitions are sought to the ledger's offsets on assignment,
+and record ids are deterministic (envelope id, else topic/partition/generation/offset), so a
+redelivered message is recognised as a duplicate. Kafka's own commit is advisory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from ledger.errors import InvalidRecord, LedgerError
+from ledger.records import OffsetMark, Quarantined, validate
+
+if TYPE_CHECKING:
+    from aiokafka.structs import ConsumerRecord
+
+    from ledger.ledger import Ledger
+
+log = logging.getLogger("ledger.consumer")
+ID_NAMESPACE = uuid.UUID("6f1c1f7e-3f4b-4d0e-9a55-1e6c0b8c4a10")
+DEFAULT_KINDS = {"commands": "command", "events": "event"}
+ENVELOPE = {"id", "action", "data", "parent", "timestamp", "user", "system", "kind"}
+
+
+@dataclass
+class PartitionStatus:
+    topic: str
+    partition: int
+    next_offset: int = 0
+    highwater: int | None = None
+    generation: int = 0
+
+    @property
+    def lag(self) -> int | None:
+        return None if self.highwater is None else max(0, self.highwater - self.next_offset)
+
+
+@dataclass
+class ConsumerStatus:
+    """What the consumer is doing; `ledger info` and /ready read it."""
+
+    group: str
+    assigned: dict[str, PartitionStatus] = field(default_factory=dict)
+    records: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    transactions: int = 0
+    generations_started: int = 0
+    last_tx: int | None = None
+    last_error: str | None = None
+    running: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "group": self.group, "running": self.running, "records": self.records,
+            "quarantined": self.quarantined, "duplicates": self.duplicates,
+            "transactions": self.transactions, "last_tx": self.last_tx,
+            "generations_started": self.generations_started, "last_error": self.last_error,
+            "partitions": [
+                {"topic": p.topic, "partition": p.partition, "next_offset": p.next_offset,
+                 "highwater": p.highwater, "lag": p.lag, "generation": p.generation}
+                for p in sorted(self.assigned.values(), key=lambda p: (p.topic, p.partition))
+            ],
+        }
+
+
+def message_digest(msg: ConsumerRecord[bytes, bytes]) -> str:
+    """Identity of one Kafka message, to recognise it again after a rebalance or broker restart."""
+    h = hashlib.sha256()
+    for part in (msg.key or b"", msg.value or b"", str(msg.timestamp).encode()):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def decode(
+    msg: ConsumerRecord[bytes, bytes], *, kind: str | None, generation: int, max_value_bytes: int
+) -> dict[str, Any] | Quarantined:
+    """A Commander envelope as a ledger record, or the reason it cannot be one."""
+    headers = tuple((k, v.decode("utf-8", "backslashreplace")) for k, v in msg.headers or ())
+    broker_time = datetime.fromtimestamp(msg.timestamp / 1000, UTC) if msg.timestamp >= 0 else None
+
+    def reject(reason: str) -> Quarantined:
+        return Quarantined(
+            reason=reason, value=msg.value, key=msg.key, topic=msg.topic, partition=msg.partition,
+            offset=msg.offset, headers=headers, kafka_timestamp=broker_time,
+        )
+
+    value = msg.value
+    if value is None:
+        return reject("message has no value (a tombstone), not a command or event")
+    if len(value) > max_value_bytes:
+        return reject(f"value is {len(value)} bytes, over the limit of {max_value_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return reject(f"value is not valid UTF-8: {e}")
+    try:
+        env = json.loads(text)
+    except ValueError as e:
+        return reject(f"value is not JSON: {e}")
+    if not isinstance(env, dict):
+        return reject(f"value is a JSON {type(env).__name__}, not an object")
+    action = env.get("action")
+    if not isinstance(action, str) or not action:
+        what = "is missing" if action is None else "must be a non-empty string"
+        return reject(f"field 'action' {what}")
+    if not isinstance(env.get("data"), dict):
+        return reject("field 'data' must be a JSON object")
+    rec_kind = kind or env.get("kind") or "event"
+    rid = env.get("id")
+    if rid is None:
+        rid = str(uuid.uuid5(ID_NAMESPACE, f"{msg.topic}/{msg.partition}/{generation}/{msg.offset}"))
+    extra = [(name, str(env[name])) for name in ("user", "system") if env.get(name) is not None]
+    record = {
+        "id": rid, "kind": rec_kind, "action": action, "data": env["data"],
+        "parent": env.get("parent"), "timestamp": env.get("timestamp") or broker_time,
+        "key": None if msg.key is None else msg.key.decode("utf-8", "backslashreplace"),
+        "headers": headers + tuple(extra), "topic": msg.topic, "partition": msg.partition,
+        "offset": msg.offset, "kafka_timestamp": broker_time,
+    }
+    try:
+        validate(0, record)
+    except InvalidRecord as e:
+        return reject(f"field {e.field!r}: {e.reason}")
+    return record
+
+
+class Consumer:
+    """Consumes topics in a consumer group and appends each fetched batch as one transaction."""
+
+    def __init__(
+        self, ledger: Ledger, *, bootstrap: str, group: str = "ledger",
+        topics: tuple[str, ...] = ("commands", "events"), pattern: str | None = None,
+        kinds: dict[str, str] | None = None, max_batch: int = 10_000,
+        max_value_bytes: int = 1 << 20, fetch_max_wait_ms: int = 5,
+    ) -> None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LedgerError(f"topic pattern {pattern!r} is not a valid regex: {e}") from e
+        self.ledger = ledger
+        self.bootstrap = bootstrap
+        self.group = group
+        self.topics = topics
+        self.pattern = pattern
+        self.kinds = DEFAULT_KINDS if kinds is None else kinds
+        self.max_batch = max_batch
+        self.max_value_bytes = max_value_bytes
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.status = ConsumerStatus(group=group)
+        self._kafka: AIOKafkaConsumer | None = None
+        self._marks: dict[tuple[str, int], OffsetMark] = {}
+        self._check_digest: dict[tuple[str, int], int] = {}  # tp -> offset whose digest to compare
+        self.assigned_event = asyncio.Event()
+
+    # ------------------------------------------------------------------ partition assignment
+    def _on_assigned(self, kafka: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
+        stored = self.ledger.offsets(self.group)
+        self.status.assigned = {}
+        for tp in assigned:
+            mark = stored.get((tp.topic, tp.partition), OffsetMark(0))
+            self._marks[(tp.topic, tp.partition)] = mark
+            self.status.assigned[f"{tp.topic}/{tp.partition}"] = PartitionStatus(
+                tp.topic, tp.partition, mark.next_offset, kafka.highwater(tp), mark.generation
+            )
+            if mark.next_offset > 0 and mark.last_digest is not None:
+                # Re-read the last message we stored: if it is not the same message, the topic
+                # was recreated under us and everything in it is new.
+                self._check_digest[(tp.topic, tp.partition)] = mark.next_offset - 1
+                kafka.seek(tp, mark.next_offset - 1)
+            else:
+                kafka.seek(tp, mark.next_offset)
+        self.assigned_event.set()
+
+    def _new_generation(self, kafka: AIOKafkaConsumer, tp: TopicPartition, reason: str) -> None:
+        key = (tp.topic, tp.partition)
+        old = self._marks.get(key, OffsetMark(0))
+        log.warning("%s/%s: %s; starting generation %s", tp.topic, tp.partition, reason, old.generation + 1)
+        self._marks[key] = OffsetMark(0, old.generation + 1, None)
+        self.status.generations_started += 1
+        kafka.seek(tp, 0)
+
+    # ------------------------------------------------------------------------------ the loop
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Consume until `stop` is set (or forever); each fetched batch becomes one transaction."""
+        stop = stop or asyncio.Event()
+        kafka = AIOKafkaConsumer(  # topics go to subscribe() below, with the rebalance listener
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.fetch_max_wait_ms, max_partition_fetch_bytes=4 << 20,
+            metadata_max_age_ms=5_000,
+        )
+        consumer = self
+
+        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+                consumer.assigned_event.clear()
+
+            async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+                consumer._on_assigned(kafka, assigned)  # a quick catalog read; seek must run here
+
+        await kafka.start()
+        self._kafka = kafka
+        if self.pattern:
+            kafka.subscribe(pattern=self.pattern, listener=Listener())
+        else:
+            kafka.subscribe(list(self.topics), listener=Listener())
+        self.status.running = True
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                fetch = asyncio.ensure_future(kafka.getmany(timeout_ms=200, max_records=self.max_batch))
+                await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fetch
+                    break
+                batch = fetch.result()
+                if batch:
+                    await self._ingest(kafka, batch)
+                self._refresh_lag(kafka)
+        finally:
+            stopper.cancel()
+            self.status.running = False
+            await kafka.stop()
+            self._kafka = None
+
+    def _refresh_lag(self, kafka: AIOKafkaConsumer) -> None:
+        for st in self.status.assigned.values():
+            hw = kafka.highwater(TopicPartition(st.topic, st.partition))
+            if hw is not None:
+                st.highwater = hw
+
+    async def _ingest(
+        self, kafka: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> None:
+        records: list[dict[str, Any]] = []
+        quarantine: list[Quarantined] = []
+        offsets: dict[tuple[str, str, int], OffsetMark] = {}
+        covered: dict[str, list[int]] = {}
+        for tp, msgs in batch.items():
+            key = (tp.topic, tp.partition)
+            mark = self._marks.get(key, OffsetMark(0))
+            msgs = self._check_generation(kafka, tp, msgs)
+            if not msgs:
+                continue
+            mark = self._marks.get(key, mark)
+            kind = self.kinds.get(tp.topic)
+            for msg in msgs:
+                item = decode(
+                    msg, kind=kind, generation=mark.generation, max_value_bytes=self.max_value_bytes
+                )
+                if isinstance(item, Quarantined):
+                    quarantine.append(item)
+                else:
+                    records.append(item)
+            last = msgs[-1]
+            offsets[(self.group, tp.topic, tp.partition)] = OffsetMark(
+                last.offset + 1, mark.generation, message_digest(last)
+            )
+            covered[f"{tp.topic}/{tp.partition}"] = [msgs[0].offset, last.offset]
+        if not offsets:
+            return
+        meta = {"consumer": self.group, "offsets": covered}
+        report = await asyncio.to_thread(
+            self.ledger.append, records, meta, quarantine=quarantine, offsets=offsets
+        )
+        for (_, topic, partition), mark in offsets.items():
+            self._marks[(topic, partition)] = mark
+            st = self.status.assigned.get(f"{topic}/{partition}")
+            if st is not None:
+                st.next_offset, st.generation = mark.next_offset, mark.generation
+        s = self.status
+        s.records += len(report.ids)
+        s.duplicates += len(report.duplicates)
+        s.quarantined += report.quarantined
+        s.transactions += 1
+        s.last_tx = report.tx
+        with contextlib.suppress(Exception):  # advisory only: the ledger's offsets are the truth
+            await kafka.commit({
+                TopicPartition(t, p): OffsetAndMetadata(m.next_offset, "")
+                for (_, t, p), m in offsets.items()
+            })
+
+    def _check_generation(
+        self, kafka: AIOKafkaConsumer, tp: TopicPartition, msgs: list[ConsumerRecord[bytes, bytes]]
+    ) -> list[ConsumerRecord[bytes, bytes]]:
+        """Drop the re-read probe message, and notice offsets that went backwards."""
+        key = (tp.topic, tp.partition)
+        mark = self._marks.get(key, OffsetMark(0))
+        probe = self._check_digest.pop(key, None)
+        if probe is not None:
+            first = msgs[0]
+            if first.offset == probe and message_digest(first) == mark.last_digest:
+                return msgs[1:]  # the same message we stored last: same generation, carry on
+            if first.offset >= probe:
+                self._new_generation(kafka, tp, f"message at offset {probe} is not the one stored")
+                return []
+        if msgs[0].offset < mark.next_offset:
+            self._new_generation(
+                kafka, tp, f"offset went back from {mark.next_offset} to {msgs[0].offset}"
+            )
+            return []
+        return msgs
+
+
+def run_forever(consumer: Consumer) -> None:
+    """Run a consumer until SIGINT/SIGTERM (the `ledger consume` command)."""
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        started = time.monotonic()
+        await consumer.run(stop)
+        log.info("consumer stopped after %.1f s: %s", time.monotonic() - started, consumer.status.as_dict())
+
+    asyncio.run(main())
+
+

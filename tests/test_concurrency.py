@@ -1,0 +1,143 @@
+"""Readers and the writer at once (invariant 5), and Database values that never change (invariant 1)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ledger import Database, Ledger
+from ledger.temporal import Pin
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# Rows that would show a torn tx: records without their transactions row, or fewer/more records
+# than the tx says it holds; events whose datoms are missing, datoms whose event is missing.
+TORN = """
+SELECT coalesce(t.tx, l.tx) AS tx, t.record_count, l.n FROM transactions t
+FULL OUTER JOIN (SELECT tx, count(*) AS n FROM log GROUP BY tx) l ON t.tx = l.tx
+WHERE t.tx IS NULL OR t.record_count <> coalesce(l.n, 0)
+UNION ALL
+SELECT tx, NULL, NULL FROM events ev WHERE NOT EXISTS (SELECT 1 FROM datoms d WHERE d.record_id = ev.id)
+UNION ALL
+SELECT tx, NULL, NULL FROM datoms d WHERE NOT EXISTS (SELECT 1 FROM log l WHERE l.id = d.record_id)
+"""
+TOTALS = """
+SELECT (SELECT count(*) FROM transactions) AS txs, count(*) AS records,
+       coalesce(sum((data->>'inc')::BIGINT), 0) AS counter
+FROM log
+"""
+
+
+def batch(rng: random.Random, k: int) -> list[dict[str, Any]]:
+    n = rng.choice([1, 2, 3, 10, 40, 120])
+    return [
+        {"kind": "event", "action": "counted", "data": {"id": f"c-{rng.randrange(5)}", "inc": 1, "k": k}}
+        if i % 2 else {"kind": "command", "action": "count", "data": {"inc": 2, "k": k}}
+        for i in range(n)
+    ]
+
+
+def test_readers_never_see_a_torn_tx_while_the_writer_appends_and_seals(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    lg = Ledger.open(tmp_path / "ledger", seal_every=150)
+    lg.append(batch(rng, 0))
+    done = threading.Event()
+    errors: list[BaseException] = []
+    iterations = {"head": 0, "unbounded": 0}
+    seen: dict[str, list[tuple[int, int, int]]] = {"head": [], "unbounded": []}
+
+    def reader(name: str) -> None:
+        try:
+            while not done.is_set():
+                # "head": the public reads, pinned to the latest tx when the call started.
+                # "unbounded": no basis filter at all, so only the storage snapshot keeps it whole.
+                db = lg.db() if name == "head" else Database(lg, Pin(basis=2**62))
+                torn = db.sql(TORN).to_pylist()
+                assert torn == [], f"{name} reader saw a torn tx: {torn[:3]}"
+                row = db.sql(TOTALS).to_pylist()[0]
+                seen[name].append((row["txs"], row["records"], row["counter"]))
+                iterations[name] += 1
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in seen]
+    for t in threads:
+        t.start()
+    try:
+        k = 1
+        while (k < 60 or min(iterations.values()) < 15) and k < 3000 and not errors:
+            lg.append(batch(rng, k), meta={"k": k})
+            if rng.random() < 0.05:
+                lg.seal()
+            k += 1
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    for name, totals in seen.items():
+        assert totals == sorted(totals), f"{name} reader saw totals go down"
+        assert len(set(totals)) >= 5, f"{name} reader never overlapped the writer: {totals[:3]}"
+    final = lg.sql(TOTALS).to_pylist()[0]
+    assert final["txs"] == lg.head.tx == k
+    assert lg.verify().ok
+    lg.close()
+
+
+def answers(db: Database) -> dict[str, Any]:
+    """Everything a client could ask a Database value."""
+    return {
+        "log": db.sql("SELECT tx, seq, id, kind, action, data, valid_time, tx_time FROM log ORDER BY tx, seq")
+        .to_pylist(),
+        "entities": db.sql("SELECT e, state, tx, tx_time FROM entities ORDER BY e").to_pylist(),
+        "transactions": db.sql("SELECT * FROM transactions ORDER BY tx").to_pylist(),
+        "quarantine": db.sql("SELECT count(*) AS n FROM quarantine").to_pylist(),
+        "valid_at": db.sql("SELECT count(*) AS n FROM log", valid_at="2024-01-01T00:00:00Z").to_pylist(),
+        "entity": {e: db.entity(e) for e in ("acct-1", "acct-2", "acct-3")},
+        "entity_valid_at": db.entity("acct-1", valid_at="2024-01-01T00:00:00Z"),
+        "history": {e: db.history(e) for e in ("acct-1", "acct-2", "acct-3")},
+        "basis": db.basis_tx,
+    }
+
+
+def test_a_database_value_answers_the_same_forever(tmp_path: Path) -> None:
+    root = tmp_path / "ledger"
+    lg = Ledger.open(root, seal_every=10**9)
+
+    def event(e: str, action: str = "balance-set", valid: str | None = None, **data: Any) -> dict[str, Any]:
+        rec: dict[str, Any] = {"kind": "event", "action": action, "data": {"id": e, **data}}
+        if valid:
+            rec["timestamp"] = valid
+        return rec
+
+    lg.append([event("acct-1", balance=10, owner="ann"), event("acct-2", balance=5)])
+    lg.append([event("acct-1", balance=20, valid="2023-06-01T00:00:00+02:00")])
+    lg.seal()  # the value below spans a segment and the tail
+    lg.append([{"kind": "command", "action": "close", "data": {"id": "acct-2"}},
+               event("acct-2", balance=None), event("acct-3", balance=1)])
+    t = lg.head.tx
+    at_t = lg.head.tx_time
+    db = lg.as_of(t)
+    before = answers(db)
+    assert before["entity"]["acct-2"] is None and before["entity"]["acct-1"] == {"balance": 20, "owner": "ann"}
+
+    lg.append([event("acct-1", balance=99), event("acct-3", action="account-deleted")])
+    lg.seal()
+    lg.append([event("acct-2", balance=7, owner="bob"), event("acct-4", balance=0)])
+    lg.append([event("acct-1", balance=1, valid="2020-01-01T00:00:00Z")])
+    assert lg.entity("acct-3") is None and lg.entity("acct-1") == {"balance": 1, "owner": "ann"}
+
+    assert answers(db) == before  # the same value, after appends and seals
+    assert answers(lg.as_of(t)) == before  # a new value at the same basis
+    assert answers(lg.as_of(at_t)) == before  # ... named by its transaction time
+    assert answers(lg.as_of(at_t.isoformat())) == before
+    lg.close()
+
+    with Ledger.open(root) as again:
+        assert answers(again.as_of(t)) == before
+        again.append([event("acct-1", balance=-1)])
+        assert answers(again.as_of(at_t)) == before
+    with Ledger.open(root, read_only=True) as snapshot:
+        assert answers(snapshot.as_of(t)) == before

@@ -1,0 +1,137 @@
+"""Tamper evidence (invariant 3): change stored bytes or values behind the ledger's back, in a copy of
+a data directory, and verify() must name the first transaction that no longer matches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import TYPE_CHECKING
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from ledger import Ledger, Quarantined, chain
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+SEALS = (5, 10, 15)  # seal after these txs: segments 1-5, 6-10, 11-15; txs 16-20 stay in the tail
+HEAD = 20
+SEGMENTS = [(1, 5), (6, 10), (11, 15)]
+
+
+def segment_dir(root: Path, first: int, last: int) -> Path:
+    return root / "segments" / f"{first:012d}-{last:012d}"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tamper") / "ledger"
+    with Ledger.open(root, seal_every=10**9) as lg:
+        for tx in range(1, HEAD + 1):
+            records = [
+                {"kind": "command", "action": "open-account", "data": {"n": tx, "owner": "ådå 🦆"},
+                 "key": f"k{tx}", "headers": {"trace": str(tx)}, "topic": "commands",
+                 "partition": tx % 3, "offset": tx, "timestamp": "2024-03-01T12:00:00+05:30"},
+                *({"kind": "event", "action": "balance-set", "data": {"id": f"acct-{i}", "balance": tx * i}}
+                  for i in range(tx % 4 + 1)),
+            ]
+            quarantine = [Quarantined(reason="not JSON", value=b"\xff", topic="events", offset=tx)]
+            report = lg.append(records, meta={"consumer": "c1", "n": tx},
+                               quarantine=quarantine if tx % 6 == 0 else ())
+            assert report.tx == tx
+            if tx in SEALS:
+                lg.seal()
+    assert sorted(p.name for p in (root / "segments").iterdir()) == [
+        segment_dir(root, f, la).name for f, la in SEGMENTS
+    ]
+    return root
+
+
+@pytest.fixture
+def copy(pristine: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(pristine, target)
+    return target
+
+
+def verify(root: Path) -> tuple[bool, int, int | None, str | None]:
+    with Ledger.open(root) as lg:
+        r = lg.verify()
+    return r.ok, r.checked, r.first_bad_tx, r.reason
+
+
+def test_untampered_ledger_and_its_copy_verify(pristine: Path, copy: Path) -> None:
+    assert verify(pristine) == (True, HEAD, None, None)
+    assert verify(copy) == (True, HEAD, None, None)
+
+
+@pytest.mark.parametrize("where", [0.25, 0.5, 0.75])
+def test_flipped_byte_in_a_segment_names_a_tx_in_that_segment(copy: Path, where: float) -> None:
+    first, last = SEGMENTS[1]
+    path = segment_dir(copy, first, last) / "records.parquet"
+    raw = bytearray(path.read_bytes())
+    raw[int(len(raw) * where)] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    ok, checked, bad, reason = verify(copy)
+    assert not ok
+    assert bad is not None and first <= bad <= last, reason
+    assert checked == bad - 1 >= SEGMENTS[0][1], (checked, bad, reason)  # txs before it verified
+
+
+@pytest.mark.parametrize(
+    ("statement", "bad_tx"),
+    [
+        ("""UPDATE tail_records SET data = '{"n":999,"owner":"mallory"}' WHERE tx = 17 AND seq = 0""", 17),
+        ("""UPDATE tail_transactions SET meta = '{"consumer":"c1","n":-1}' WHERE tx = 18""", 18),
+        ("UPDATE tail_records SET valid_time = valid_time + INTERVAL 1 SECOND WHERE tx = 16 AND seq = 1", 16),
+        ("DELETE FROM tail_records WHERE tx = 19 AND seq = 1", 19),
+        ("UPDATE tail_quarantine SET reason = 'valid after all' WHERE tx = 18", 18),
+    ],
+    ids=["record-data", "tx-meta", "valid-time", "deleted-record", "quarantine-reason"],
+)
+def test_value_changed_in_the_tail_names_that_tx(copy: Path, statement: str, bad_tx: int) -> None:
+    con = duckdb.connect(str(copy / "ledger.duckdb"))
+    try:
+        changed = con.execute(statement).fetchone()
+    finally:
+        con.close()
+    assert changed == (1,)
+    ok, checked, bad, reason = verify(copy)
+    assert (ok, bad, checked) == (False, bad_tx, bad_tx - 1), reason
+
+
+@pytest.mark.parametrize("index", [1, 2])
+def test_deleted_segment_names_its_first_tx(copy: Path, index: int) -> None:
+    first, last = SEGMENTS[index]
+    shutil.rmtree(segment_dir(copy, first, last))
+    ok, checked, bad, reason = verify(copy)
+    assert (ok, bad, checked) == (False, first, first - 1), reason
+    assert reason is not None and "missing" in reason
+
+
+def test_self_consistent_record_rewrite_is_caught_by_the_tx_chain(copy: Path) -> None:
+    """Change a value and recompute that record's hash, so the record alone looks genuine: the tx
+    hash (which covers its record hashes) is what no longer matches."""
+    first, last = SEGMENTS[1]
+    target = 8
+    path = segment_dir(copy, first, last) / "records.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    row = next(r for r in rows if r["tx"] == target and r["seq"] == 0)
+    data = json.loads(row["data"])
+    data["owner"] = "mallory"
+    row["data"] = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    row["hash"] = chain.record_hash(
+        id=row["id"], kind=row["kind"], action=row["action"], parent=row["parent"], data=data,
+        valid_time=row["valid_time"], key=row["key"],
+        headers=[tuple(h) for h in json.loads(row["headers"] or "[]")], topic=row["kafka_topic"],
+        partition=row["kafka_partition"], offset=row["kafka_offset"],
+        kafka_timestamp=row["kafka_timestamp"],
+    )
+    pq.write_table(type(table).from_pylist(rows, schema=table.schema), path, compression="zstd")
+
+    ok, checked, bad, reason = verify(copy)
+    assert (ok, bad, checked) == (False, target, target - 1), reason
+    assert reason == "tx hash does not match its contents"
