@@ -261,6 +261,109 @@ def run_info(args: argparse.Namespace) -> int:
     return OK
 
 
+# --------------------------------------------------------------------------- kafka settings
+def add_kafka(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", metavar="HOST:PORT",
+                        help="Kafka bootstrap servers (env LEDGER_KAFKA_BOOTSTRAP)")
+    parser.add_argument("--group", help="consumer group (env LEDGER_KAFKA_GROUP, default ledger)")
+    parser.add_argument("--topics", help="comma-separated topics (env LEDGER_TOPICS, default "
+                        "commands,events)")
+    parser.add_argument("--pattern", help="subscribe to topics matching this regex instead "
+                        "(env LEDGER_TOPIC_PATTERN)")
+
+
+def kafka_settings(args: argparse.Namespace) -> dict[str, Any]:
+    topics = setting(args.topics, "LEDGER_TOPICS", "commands,events")
+    return {
+        "bootstrap": setting(args.bootstrap, "LEDGER_KAFKA_BOOTSTRAP", ""),
+        "group": setting(args.group, "LEDGER_KAFKA_GROUP", "ledger"),
+        "topics": tuple(t.strip() for t in topics.split(",") if t.strip()),
+        "pattern": setting(args.pattern, "LEDGER_TOPIC_PATTERN", "") or None,
+    }
+
+
+def open_writer(root: Path, *, standby: bool) -> Ledger:
+    """Open the ledger for writing; with `standby`, wait for the current writer to go away."""
+    from ledger.errors import LedgerLocked
+
+    announced = False
+    while True:
+        try:
+            return Ledger.open(root)
+        except LedgerLocked as e:
+            if not standby:
+                raise
+            if not announced:
+                print(f"{PROG}: standby: {one_line(str(e))}", file=sys.stderr, flush=True)
+                announced = True
+            import time as _time
+
+            _time.sleep(0.2)
+
+
+# -------------------------------------------------------------------------------- consume
+def add_consume(parser: argparse.ArgumentParser) -> None:
+    add_data_dir(parser)
+    add_kafka(parser)
+    parser.add_argument("--standby", action="store_true",
+                        help="if another process writes this ledger, wait and take over when it stops")
+
+
+def run_consume(args: argparse.Namespace) -> int:
+    import logging
+
+    from ledger.consumer import Consumer, run_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    kafka = kafka_settings(args)
+    if not kafka["bootstrap"]:
+        raise UsageError("no Kafka to consume from: set --bootstrap or LEDGER_KAFKA_BOOTSTRAP")
+    with open_writer(data_dir(args), standby=args.standby) as lg:
+        print(f"{PROG}: consuming {kafka['pattern'] or ','.join(kafka['topics'])} from "
+              f"{kafka['bootstrap']} as group {kafka['group']} into {lg.root}", file=sys.stderr, flush=True)
+        run_forever(Consumer(lg, **kafka))
+    return OK
+
+
+# ---------------------------------------------------------------------------------- serve
+def add_serve(parser: argparse.ArgumentParser) -> None:
+    add_data_dir(parser)
+    parser.add_argument("--host", help="address to listen on (env LEDGER_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (env LEDGER_PORT, default 8000)")
+    parser.add_argument("--bootstrap", metavar="HOST:PORT",
+                        help="Kafka bootstrap (env LEDGER_KAFKA_BOOTSTRAP; unset: run the bundled broker)")
+    parser.add_argument("--demo", action="store_true", help="also run the example bank processor")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from api.app import create_app
+    from api.services import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings(data_dir=data_dir(args), demo=args.demo or setting(None, "LEDGER_DEMO", "") == "1")
+    if args.bootstrap:
+        settings.bootstrap = args.bootstrap
+    host = setting(args.host, "LEDGER_HOST", "127.0.0.1")
+    port = int(setting(None if args.port is None else str(args.port), "LEDGER_PORT", "8000"))
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    return OK
+
+
+# --------------------------------------------------------------------------------- broker
+def add_broker(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="passed to the broker runner")
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    from ledger import broker
+
+    return broker.main(args.args)
+
+
 # ----------------------------------------------------------------------------- the command
 @dataclass(frozen=True, slots=True)
 class Subcommand:
@@ -273,6 +376,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "sql": Subcommand("run one read-only SQL query (as of a tx or instant)", add_sql, run_sql),
     "verify": Subcommand("recompute the hash chain; exit 1 naming the first bad tx", add_verify, run_verify),
     "info": Subcommand("counts, latest tx, segments and size on disk", add_info, run_info),
+    "serve": Subcommand("run the HTTP API, the ledger consumer and (by default) a bundled broker",
+                        add_serve, run_serve),
+    "consume": Subcommand("ingest Kafka topics into the ledger, exactly once", add_consume, run_consume),
+    "broker": Subcommand("run the bundled Kafka-compatible broker in the foreground", add_broker,
+                         run_broker),
 }
 
 

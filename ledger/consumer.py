@@ -339,3 +339,33 @@ def run_forever(consumer: Consumer) -> None:
     asyncio.run(main())
 
 
+
+
+async def partition_lag(
+    ledger: Ledger, *, bootstrap: str, group: str, timeout: float = 5.0
+) -> list[dict[str, Any]]:
+    """Lag per partition the group has stored offsets for: broker highwater minus the ledger's
+    next offset. Uses `highwater()` from a fetch (some brokers answer `end_offsets()` wrongly)."""
+    marks = ledger.offsets(group)
+    if not marks:
+        return []
+    kafka = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             fetch_max_wait_ms=50, request_timeout_ms=int(timeout * 1000))
+    await kafka.start()
+    try:
+        tps = [TopicPartition(t, p) for t, p in marks]
+        kafka.assign(tps)
+        for tp in tps:
+            kafka.seek(tp, max(0, marks[(tp.topic, tp.partition)].next_offset - 1))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(kafka.highwater(tp) is None for tp in tps):
+            await kafka.getmany(timeout_ms=100, max_records=1)
+        rows = []
+        for tp in sorted(tps):
+            hw = kafka.highwater(tp)
+            nxt = marks[(tp.topic, tp.partition)].next_offset
+            rows.append({"topic": tp.topic, "partition": tp.partition, "next_offset": nxt,
+                         "highwater": hw, "lag": None if hw is None else max(0, hw - nxt)})
+        return rows
+    finally:
+        await kafka.stop()

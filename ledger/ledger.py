@@ -41,7 +41,7 @@ from ledger.temporal import Database, Pin, TimePoint, check_time_point
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 DB_FILE = "ledger.duckdb"
 DEFAULT_SEAL_EVERY = 250_000
@@ -96,6 +96,13 @@ class Ledger:
         meta = dict(con.execute("SELECT key, value FROM ledger_meta").fetchall())
         self.rules = Rules(json.loads(meta["entity_path"]), json.loads(meta["deletion"]))
         self._head = self._read_head()
+        self._listeners: list[Callable[[TxReport], None]] = []
+
+    def add_listener(self, fn: Callable[[TxReport], None]) -> Callable[[], None]:
+        """Call `fn(report)` after every committed append (in the writer's thread); returns a
+        function that removes it. Listeners must be quick and must not raise."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn)
 
     # ----------------------------------------------------------------------------------- opening
     @classmethod
@@ -110,7 +117,7 @@ class Ledger:
         tail are copied into memory and the file lock is released at once; if a writer holds the
         lock, the snapshot covers the sealed segments only (`complete` is False, `note` says so).
         """
-        root = Path(path)
+        root = Path(path).resolve()  # segment paths handed to DuckDB must not depend on the cwd
         if seal_every < 1:
             raise LedgerError(f"seal_every must be at least 1, got {seal_every}")
         if read_only:
@@ -138,6 +145,7 @@ class Ledger:
             con.close()
             raise
         ledger._write_manifest()
+        _confine(con, root)
         return ledger
 
     @staticmethod
@@ -187,6 +195,7 @@ class Ledger:
             con.execute("COMMIT")
         finally:
             con.execute("DETACH src")
+        _confine(con, root)
         return cls(root, con, read_only=True, seal_every=seal_every)
 
     @classmethod
@@ -213,6 +222,7 @@ class Ledger:
             f"process {pid} is writing this ledger; this snapshot holds its sealed segments "
             f"(through tx {sealed}) but not newer transactions — query the service for those"
         )
+        _confine(con, root)
         return cls(root, con, read_only=True, seal_every=seal_every, complete=False, note=note)
 
     def close(self) -> None:
@@ -378,6 +388,8 @@ class Ledger:
                 raise LedgerError("the ledger is closed")
             report = self._commit(checked, meta_obj, quarantine, offsets or {})
             tail = self._tail_count()
+        for fn in list(self._listeners):
+            fn(report)
         if tail >= self.seal_every:
             self.seal()
         return report
@@ -600,6 +612,13 @@ class Ledger:
             "segments": segs[0] if segs else 0, "sealed_through_tx": segs[1] if segs else 0,
             "bytes_on_disk": size, "complete": self.complete, "note": self.note,
         }
+
+
+def _confine(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    """No file access beyond the ledger's own segments, whatever SQL a reader sends."""
+    segments = (root / seg.SEGMENTS_DIR).resolve()
+    con.execute(f"SET allowed_directories = [{quote(str(segments) + '/')}]")
+    con.execute("SET enable_external_access = false")
 
 
 def _rows_by_tx(cursor: duckdb.DuckDBPyConnection) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:

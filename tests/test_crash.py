@@ -180,8 +180,11 @@ def test_sigkill_never_loses_or_tears_a_transaction(tmp_path: Path) -> None:
         stage = how if how in STAGES else None
         why = f"round {i} ({how}), CRASH_SEED={seed}"
         child = Child(root, f"r{i}", rng.randrange(2**32), stage, tmp_path / f"child-{i}.err")
-        run_round(child, "stage" if stage else how, rng)
-        new = acknowledged(child.kill())
+        try:
+            run_round(child, "stage" if stage else how, rng)
+        finally:
+            lines = child.kill()
+        new = acknowledged(lines)
         assert not set(new) & set(acks), f"{why}: a tx number was acknowledged twice"
         acks.update(new)
         if stage:  # the kill really interrupted that step of a seal: these kills are not benign

@@ -1,0 +1,79 @@
+"""The Litestar application: controllers, problem+json errors, OpenAPI at /schema."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from litestar import Litestar, Response, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins.problem_details import (
+    ProblemDetailsConfig,
+    ProblemDetailsException,
+    ProblemDetailsPlugin,
+)
+
+from api.commands import CommandController
+from api.errors import from_http_exception, from_ledger_error, problem
+from api.events import EventController
+from api.query import QueryController
+from api.schemas import SchemaController
+from api.services import Services, Settings, lifespan
+from api.updates import sse_updates, ws_updates
+from ledger.errors import LedgerError
+
+if TYPE_CHECKING:
+    from litestar import Request
+
+log = logging.getLogger("api")
+
+
+@get("/health", tags=["health"])
+async def health() -> dict[str, Any]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@get("/ready", tags=["health"])
+async def ready(services: Services) -> Response[dict[str, Any]]:
+    """Readiness: the ledger is open, the consumer has partitions, the broker is reachable."""
+    body = services.ready()
+    return Response(body, status_code=200 if body["ready"] else 503)
+
+
+def _ledger_error(request: Request[Any, Any, Any], exc: LedgerError) -> Response[Any]:
+    return from_ledger_error(exc).to_response(request)
+
+
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    converted = exc if isinstance(exc, ProblemDetailsException) else from_http_exception(exc)
+    return converted.to_response(request)
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(500, "Internal server error", f"{type(exc).__name__}: the error was logged",
+                   kind="internal").to_response(request)
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings()
+    services = Services(settings)
+    return Litestar(
+        route_handlers=[
+            CommandController, EventController, QueryController, SchemaController,
+            sse_updates, ws_updates, health, ready,
+        ],
+        dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
+        state=State({"services": services}),
+        lifespan=[lifespan],
+        plugins=[ProblemDetailsPlugin(ProblemDetailsConfig(enable_for_all_http_exceptions=True))],
+        exception_handlers={
+            LedgerError: _ledger_error, HTTPException: _http_error, Exception: _unexpected,
+        },
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="Commander Ledger", version="0.1.0", path="/schema"),
+    )

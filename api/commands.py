@@ -1,0 +1,118 @@
+"""The Commander edge: validate a command, produce it to the commands topic (the only writer),
+and optionally wait for its first event (the illusion of synchrony) — via the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka.errors import KafkaError
+from litestar import Controller, Request, Response, get, post
+
+from api.errors import bad_request, not_found, unavailable
+from api.records import children, decode_cursor, encode_cursor, get_record, list_records
+from api.services import Services  # Litestar reads handler annotations at runtime
+from ledger.records import uuid7
+
+ENVELOPE_FIELDS = {"action", "data", "user", "system"}
+MAX_SYNC_TIMEOUT = 30.0
+
+
+def parse_command(body: bytes) -> dict[str, Any]:
+    """The request body as a command envelope; 400 naming the field for anything malformed."""
+    try:
+        env = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"body is not valid JSON: {e}", kind="malformed-json") from e
+    if not isinstance(env, dict):
+        raise bad_request(f"body must be a JSON object, got {type(env).__name__}")
+    unknown = sorted(set(env) - ENVELOPE_FIELDS)
+    if unknown:
+        raise bad_request(
+            f"unknown field {unknown[0]!r}; allowed: action, data, user, system", field=unknown[0]
+        )
+    action = env.get("action")
+    if not isinstance(action, str) or not action.strip():
+        raise bad_request("'action' must be a non-empty string", field="action")
+    if not isinstance(env.get("data"), dict):
+        raise bad_request("'data' must be a JSON object", field="data")
+    for name in ("user", "system"):
+        if env.get(name) is not None and not isinstance(env[name], str):
+            raise bad_request(f"'{name}' must be a string", field=name)
+    return env
+
+
+class CommandController(Controller):
+    path = "/commands"
+    tags = ["commands"]
+
+    @post("/", status_code=202)
+    async def submit(
+        self, request: Request[Any, Any, Any], services: Services, sync: bool = False, timeout: float = 5.0,
+    ) -> Response[dict[str, Any]]:
+        """Accept a command: 202 with its Kafka position, or with `sync=true` 201 once its first
+        event is in the ledger (202 `pending` if that takes longer than `timeout` seconds)."""
+        if not 0 < timeout <= MAX_SYNC_TIMEOUT:
+            raise bad_request(f"timeout must be in (0, {MAX_SYNC_TIMEOUT}] seconds", field="timeout")
+        env = parse_command(await request.body())
+        services.schemas.check(env["action"], env["data"])
+        command = {
+            "id": uuid7(), "action": env["action"], "data": env["data"],
+            "timestamp": datetime.now(UTC).isoformat(),
+            **{k: env[k] for k in ("user", "system") if env.get(k) is not None},
+        }
+        key = services.schemas.entity_key(env["action"], env["data"]) or command["id"]
+        waiter = services.children.register(command["id"]) if sync else None
+        try:
+            meta = await asyncio.wait_for(
+                services.producer.send_and_wait(
+                    services.settings.commands_topic, json.dumps(command).encode(), key=key.encode()
+                ),
+                services.settings.produce_timeout,
+            )
+        except (KafkaError, TimeoutError) as e:
+            services.children.forget(command["id"])
+            raise unavailable(f"Kafka did not accept the command ({type(e).__name__}: {e}); "
+                              "nothing was written, retry later") from e
+        body = {**command, "topic": meta.topic, "partition": meta.partition, "offset": meta.offset,
+                "status": "accepted"}
+        location = {"Location": f"/commands/{command['id']}"}
+        if waiter is None:
+            return Response(body, status_code=202, headers=location)
+        try:
+            kids = await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            services.children.forget(command["id"])
+            return Response({**body, "status": "pending"}, status_code=202, headers=location)
+        return Response({**body, "status": "done", "children": kids}, status_code=201, headers=location)
+
+    @get("/")
+    async def list_commands(
+        self, services: Services, action: list[str] | None = None, since: str | None = None,
+        until: str | None = None, as_of: str | None = None, limit: int = 100, cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """Commands in ledger order; pass `cursor` from the previous page to continue."""
+        return await _page(services, "command", action, since, until, as_of, limit, cursor)
+
+    @get("/{command_id:str}")
+    async def get_command(self, services: Services, command_id: str) -> dict[str, Any]:
+        """One command, its events (`children`) and `status`: done once it has an event."""
+        rec = await asyncio.to_thread(get_record, services.ledger, command_id, "command")
+        if rec is None:
+            raise not_found(f"command {command_id}")
+        kids = await asyncio.to_thread(children, services.ledger, command_id)
+        return {**rec, "children": kids, "status": "done" if kids else "pending"}
+
+
+async def _page(
+    services: Services, kind: str, action: list[str] | None, since: str | None, until: str | None,
+    as_of: str | None, limit: int, cursor: str | None,
+) -> dict[str, Any]:
+    after = decode_cursor(cursor) if cursor else (0, -1)
+    items, nxt = await asyncio.to_thread(
+        list_records, services.ledger, kind=kind, actions=action, after=after, since=since,
+        until=until, as_of=as_of, limit=limit,
+    )
+    return {"items": items, "next_cursor": encode_cursor(*nxt) if nxt else None}

@@ -1,0 +1,73 @@
+"""Domain errors to RFC 9457 problem+json: one shape for every error the API returns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.exceptions import HTTPException
+from litestar.plugins.problem_details import ProblemDetailsException
+
+from ledger.errors import (
+    InvalidQuery,
+    InvalidRecord,
+    InvalidTime,
+    LedgerError,
+    LedgerLocked,
+    ReadOnly,
+)
+
+PROBLEM_BASE = "https://commander-ledger.dev/problems/"
+
+
+def problem(
+    status: int, title: str, detail: str, *, kind: str, headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> ProblemDetailsException:
+    return ProblemDetailsException(
+        status_code=status, title=title, detail=detail, type_=PROBLEM_BASE + kind,
+        headers=headers, extra=extra or None,
+    )
+
+
+def bad_request(
+    detail: str, *, field: str | None = None, kind: str = "bad-request"
+) -> ProblemDetailsException:
+    if field:
+        return problem(400, "Bad request", detail, kind=kind, field=field)
+    return problem(400, "Bad request", detail, kind=kind)
+
+
+def not_found(what: str) -> ProblemDetailsException:
+    return problem(404, "Not found", f"{what} does not exist", kind="not-found")
+
+
+def unavailable(detail: str, retry_after: int = 1) -> ProblemDetailsException:
+    return problem(503, "Service unavailable", detail, kind="unavailable",
+                   headers={"Retry-After": str(retry_after)})
+
+
+def from_ledger_error(exc: LedgerError) -> ProblemDetailsException:
+    """Map each domain error to a status; the detail is the error's own message."""
+    if isinstance(exc, InvalidRecord):
+        return bad_request(str(exc), field=exc.field, kind="invalid-record")
+    if isinstance(exc, InvalidQuery):
+        return bad_request(str(exc), kind="invalid-query")
+    if isinstance(exc, InvalidTime):
+        return bad_request(str(exc), kind="invalid-time")
+    if isinstance(exc, (LedgerLocked, ReadOnly)):
+        return unavailable(str(exc), retry_after=5)
+    return problem(500, "Ledger error", str(exc), kind="ledger-error")
+
+
+def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
+    kind = {400: "bad-request", 404: "not-found", 405: "method-not-allowed",
+            413: "body-too-large", 503: "unavailable"}.get(exc.status_code, "http-error")
+    extra = exc.extra if isinstance(exc.extra, dict) else ({"errors": exc.extra} if exc.extra else {})
+    return ProblemDetailsException(
+        status_code=exc.status_code, title=_TITLES.get(exc.status_code, "Error"), detail=exc.detail,
+        type_=PROBLEM_BASE + kind, headers=exc.headers, extra=extra or None,
+    )
+
+
+_TITLES = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Body too large",
+           500: "Internal server error", 503: "Service unavailable"}

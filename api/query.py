@@ -1,0 +1,148 @@
+"""Temporal reads over HTTP: entities, their history, transactions, and read-only SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from litestar import Controller, Request, Response, get, post
+from litestar.params import Body
+
+from api.errors import bad_request, not_found
+from api.records import record_json, time_param
+from api.services import Services  # Litestar reads handler annotations at runtime
+
+MAX_ROWS = 100_000
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def table_response(table: pa.Table, accept: str) -> Response[Any]:
+    """A result in the format the client asked for (JSON by default)."""
+    if "text/csv" in accept:
+        buf = io.BytesIO()
+        pa_csv.write_csv(table, buf)
+        return Response(buf.getvalue(), media_type="text/csv")
+    if "application/vnd.apache.arrow.stream" in accept:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return Response(sink.getvalue().to_pybytes(), media_type="application/vnd.apache.arrow.stream")
+    if "application/vnd.apache.parquet" in accept:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        return Response(buf.getvalue(), media_type="application/vnd.apache.parquet")
+    columns = [{"name": f.name, "type": str(f.type)} for f in table.schema]
+    rows = [[_plain(v) for v in row.values()] for row in table.to_pylist()]
+    return Response({"columns": columns, "rows": rows, "row_count": len(rows)})
+
+
+class QueryController(Controller):
+    tags = ["query"]
+
+    @get("/entities/{entity_id:str}")
+    async def entity(
+        self, services: Services, entity_id: str, as_of: str | None = None, valid_at: str | None = None,
+    ) -> dict[str, Any]:
+        """An entity's attributes as of a tx or instant (and valid at an instant)."""
+        lg = services.ledger
+        db = lg.db() if as_of is None else lg.as_of(time_param(as_of, "as_of") or 0)
+        state = await asyncio.to_thread(db.entity, entity_id, valid_at=valid_at)
+        if state is None:
+            raise not_found(f"entity {entity_id!r} (as of tx {db.basis_tx})")
+        touched = await asyncio.to_thread(
+            lg.sql, "SELECT a, max(tx) AS tx FROM datoms WHERE e = $e GROUP BY a", as_of=db.basis_tx,
+            valid_at=valid_at, params={"e": entity_id},
+        )
+        return {"id": entity_id, "as_of_tx": db.basis_tx, "state": state,
+                "attribute_tx": {r["a"]: r["tx"] for r in touched.to_pylist() if r["a"] in state}}
+
+    @get("/entities/{entity_id:str}/history")
+    async def history(
+        self, services: Services, entity_id: str, since: str | None = None, until: str | None = None,
+    ) -> dict[str, Any]:
+        """Every assertion and retraction of the entity, with tx, tx_time, valid time and record."""
+        datoms = await asyncio.to_thread(
+            services.ledger.history, entity_id, since=time_param(since, "since"),
+            until=time_param(until, "until"),
+        )
+        return {"id": entity_id, "datoms": [
+            {"a": d.a, "v": d.v, "op": d.op, "tx": d.tx, "tx_time": d.tx_time.isoformat(),
+             "valid_time": d.valid_time.isoformat(), "record_id": d.record_id} for d in datoms
+        ]}
+
+    @get("/tx/{t:int}")
+    async def transaction(self, services: Services, t: int) -> dict[str, Any]:
+        """One transaction: metadata, hash and records."""
+        txs = await asyncio.to_thread(services.ledger.tx_range, t, t + 1)
+        if not txs:
+            raise not_found(f"tx {t}")
+        return _tx_json(txs[0])
+
+    @get("/tx")
+    async def tx_range(
+        self, services: Services, since: int = 0, until: int | None = None, limit: int = 100,
+        cursor: int | None = None,
+    ) -> dict[str, Any]:
+        """Transactions with since < tx <= until (Datomic's tx-range), oldest first, paged."""
+        if not 1 <= limit <= 1000:
+            raise bad_request("limit must be between 1 and 1000", field="limit")
+        start = max(since, cursor or 0) + 1
+        end = start + limit if until is None else min(until + 1, start + limit)
+        txs = await asyncio.to_thread(services.ledger.tx_range, start, end)
+        more = bool(txs) and txs[-1].tx < (services.ledger.head.tx if until is None else until)
+        return {"items": [_tx_json(t) for t in txs], "next_cursor": txs[-1].tx if more else None}
+
+    @post("/query", status_code=200)
+    async def query(
+        self, request: Request[Any, Any, Any], services: Services, data: Any = Body(),  # noqa: B008
+    ) -> Response[Any]:
+        """Run one read-only SELECT over the ledger's relations, as of a tx or instant."""
+        if not isinstance(data, dict) or not isinstance(data.get("sql"), str):
+            raise bad_request("body must be an object with a string 'sql'", field="sql")
+        unknown = sorted(set(data) - {"sql", "params", "as_of", "valid_at", "limit"})
+        if unknown:
+            raise bad_request(f"unknown field {unknown[0]!r}", field=unknown[0])
+        limit = data.get("limit", 10_000)
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_ROWS:
+            raise bad_request(f"limit must be an integer between 1 and {MAX_ROWS}", field="limit")
+        as_of = data.get("as_of")
+        table = await asyncio.to_thread(
+            services.ledger.sql, data["sql"],
+            as_of=None if as_of is None else time_param(str(as_of), "as_of"),
+            valid_at=data.get("valid_at"), params=data.get("params"),
+        )
+        return table_response(table.slice(0, limit), request.headers.get("accept", ""))
+
+
+def _tx_json(t: Any) -> dict[str, Any]:
+    return {
+        "tx": t.tx, "tx_time": t.tx_time.isoformat(), "hash": t.hash, "prev_hash": t.prev_hash,
+        "meta": t.meta, "quarantined": t.quarantined,
+        "records": [record_json({
+            "id": r.id, "kind": r.kind, "action": r.action, "parent": r.parent,
+            "data": json.dumps(r.data), "valid_time": r.valid_time, "tx": r.tx, "seq": r.seq,
+            "tx_time": r.tx_time, "key": r.key, "headers": json.dumps(r.headers) if r.headers else None,
+            "kafka_topic": r.topic, "kafka_partition": r.partition, "kafka_offset": r.offset,
+        }) for r in t.records],
+    }

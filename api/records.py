@@ -1,0 +1,114 @@
+"""Reading records for the API: JSON shapes, filters and stable cursors (shared by commands,
+events and updates)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from api.errors import bad_request
+
+if TYPE_CHECKING:
+    from ledger import Ledger
+
+COLUMNS = (
+    "id, kind, action, parent, data, valid_time, tx, seq, tx_time, key, headers, "
+    "kafka_topic, kafka_partition, kafka_offset"
+)
+MAX_LIMIT = 1000
+
+
+def record_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored record as the API shows it."""
+    return {
+        "id": row["id"], "kind": row["kind"], "action": row["action"], "parent": row["parent"],
+        "data": json.loads(row["data"]), "timestamp": _iso(row["valid_time"]), "tx": row["tx"],
+        "seq": row["seq"], "tx_time": _iso(row["tx_time"]), "key": row["key"],
+        "headers": json.loads(row["headers"]) if row["headers"] else [],
+        "topic": row["kafka_topic"], "partition": row["kafka_partition"],
+        "offset": row["kafka_offset"],
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def encode_cursor(tx: int, seq: int) -> str:
+    return base64.urlsafe_b64encode(f"{tx}.{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, int]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        tx, seq = text.split(".")
+        return int(tx), int(seq)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"cursor {cursor!r} is not one this API returned", field="cursor") from e
+
+
+def parse_position(text: str, what: str) -> tuple[int, int]:
+    """A Last-Event-ID ("tx.seq") or an after_tx ("tx") as a (tx, seq) position to resume after."""
+    try:
+        if "." in text:
+            tx, seq = text.split(".")
+            return int(tx), int(seq)
+        return int(text), 2**31
+    except ValueError as e:
+        raise bad_request(f"{what} {text!r} must be 'TX' or 'TX.SEQ'", field=what) from e
+
+
+def time_param(text: str | None, what: str) -> int | str | None:
+    if text is None or text == "":
+        return None
+    return int(text) if text.isdigit() else text
+
+
+def list_records(
+    ledger: Ledger, *, kind: str | None, actions: list[str] | None = None, after: tuple[int, int] = (0, -1),
+    since: str | None = None, until: str | None = None, as_of: str | None = None,
+    limit: int = 100, upto: int | None = None,
+) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
+    """Records in (tx, seq) order after a position; the next position, if there may be more."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise bad_request(f"limit must be between 1 and {MAX_LIMIT}, got {limit}", field="limit")
+    where = ["(tx > $atx OR (tx = $atx AND seq > $aseq))"]
+    params: dict[str, Any] = {"atx": after[0], "aseq": after[1], "lim": limit}
+    if kind:
+        where.append("kind = $kind")
+        params["kind"] = kind
+    if actions:
+        where.append("action IN (SELECT unnest($actions::VARCHAR[]))")
+        params["actions"] = actions
+    since_tx = None if since is None else ledger.resolve(time_param(since, "since") or 0)
+    if since_tx is not None:
+        where.append("tx > $since")
+        params["since"] = since_tx
+    if until is not None:
+        where.append("tx <= $until")
+        params["until"] = ledger.resolve(time_param(until, "until") or 0)
+    pinned = time_param(as_of, "as_of")
+    if pinned is None:
+        pinned = upto
+    rows = ledger.sql(
+        f"SELECT {COLUMNS} FROM log WHERE {' AND '.join(where)} ORDER BY tx, seq LIMIT $lim",
+        as_of=pinned, params=params,
+    ).to_pylist()
+    nxt = (rows[-1]["tx"], rows[-1]["seq"]) if len(rows) == limit else None
+    return [record_json(r) for r in rows], nxt
+
+
+def get_record(ledger: Ledger, record_id: str, kind: str) -> dict[str, Any] | None:
+    rows = ledger.sql(
+        f"SELECT {COLUMNS} FROM log WHERE id = $id AND kind = $kind", params={"id": record_id, "kind": kind}
+    ).to_pylist()
+    return record_json(rows[0]) if rows else None
+
+
+def children(ledger: Ledger, command_id: str) -> list[str]:
+    rows = ledger.sql(
+        "SELECT id FROM events WHERE parent = $p ORDER BY tx, seq", params={"p": command_id}
+    ).to_pylist()
+    return [r["id"] for r in rows]

@@ -1,0 +1,86 @@
+"""Per-action JSON Schemas for command data, loaded from directories and persisted on change."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from api.errors import bad_request, problem
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+ACTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class SchemaRegistry:
+    """Schemas by action. `x-entity-key` (a JSON pointer into data) names the Kafka key."""
+
+    def __init__(self, directory: Path, *, strict: bool = False, extra_dirs: tuple[Path, ...] = ()) -> None:
+        self.directory = directory
+        self.strict = strict
+        self._validators: dict[str, Draft202012Validator] = {}
+        for d in (*extra_dirs, directory):
+            if d.is_dir():
+                for path in sorted(d.glob("*.json")):
+                    self._install(path.stem, json.loads(path.read_text(encoding="utf-8")))
+
+    def _install(self, action: str, schema: dict[str, Any]) -> None:
+        Draft202012Validator.check_schema(schema)
+        self._validators[action] = Draft202012Validator(schema)
+
+    def all(self) -> dict[str, Any]:
+        return {a: v.schema for a, v in sorted(self._validators.items())}
+
+    def get(self, action: str) -> dict[str, Any] | None:
+        v = self._validators.get(action)
+        return None if v is None else dict(v.schema)
+
+    def put(self, action: str, schema: object) -> None:
+        if not ACTION.match(action):
+            raise bad_request(f"action {action!r} must match {ACTION.pattern}", field="action")
+        if not isinstance(schema, dict):
+            raise bad_request("a schema must be a JSON object", field="schema")
+        try:
+            self._install(action, schema)
+        except SchemaError as e:
+            raise bad_request(f"not a valid JSON Schema: {e.message}", field="schema") from e
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f".{action}.json.tmp"
+        tmp.write_text(json.dumps(schema, indent=2), encoding="utf-8")
+        os.replace(tmp, self.directory / f"{action}.json")
+
+    def check(self, action: str, data: dict[str, Any]) -> None:
+        """Raise 422 listing every violation with its JSON pointer; 422 for unknown actions if strict."""
+        v = self._validators.get(action)
+        if v is None:
+            if self.strict:
+                raise problem(422, "Unknown action", f"no schema is registered for action {action!r} "
+                              "and the service is strict", kind="unknown-action", field="action")
+            return
+        errors = sorted(v.iter_errors(data), key=lambda e: list(e.absolute_path))
+        if errors:
+            violations = [
+                {"pointer": "/data" + "".join(f"/{p}" for p in e.absolute_path), "message": e.message}
+                for e in errors
+            ]
+            raise problem(422, "Schema violation", f"data does not match the schema of {action!r}: "
+                          + "; ".join(f"{x['pointer']}: {x['message']}" for x in violations),
+                          kind="schema-violation", errors=violations)
+
+    def entity_key(self, action: str, data: dict[str, Any]) -> str | None:
+        v = self._validators.get(action)
+        pointer = None if v is None else v.schema.get("x-entity-key")
+        if not isinstance(pointer, str):
+            return None
+        value: Any = data
+        for part in pointer.strip("/").split("/"):
+            if not isinstance(value, dict) or part not in value:
+                return None
+            value = value[part]
+        return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None

@@ -1,0 +1,141 @@
+"""Settings and the long-lived resources of one API process, opened and closed in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import AIOKafkaProducer
+
+from api.notify import ChildWatcher, Notifier
+from api.registry import SchemaRegistry
+from ledger import Ledger
+from ledger.broker import Broker, create_topics_async
+from ledger.consumer import Consumer
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from litestar import Litestar
+
+log = logging.getLogger("api")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+@dataclass
+class Settings:
+    """Every setting has a LEDGER_* environment variable; `ledger serve` flags override them."""
+
+    data_dir: Path = field(default_factory=lambda: Path(_env("LEDGER_DATA_DIR", "./data")))
+    bootstrap: str = field(default_factory=lambda: _env("LEDGER_KAFKA_BOOTSTRAP", ""))
+    group: str = field(default_factory=lambda: _env("LEDGER_KAFKA_GROUP", "ledger"))
+    commands_topic: str = field(default_factory=lambda: _env("LEDGER_COMMANDS_TOPIC", "commands"))
+    events_topic: str = field(default_factory=lambda: _env("LEDGER_EVENTS_TOPIC", "events"))
+    schemas_dir: Path | None = field(
+        default_factory=lambda: Path(p) if (p := os.environ.get("LEDGER_SCHEMAS_DIR")) else None
+    )
+    strict: bool = field(default_factory=lambda: _env("LEDGER_STRICT", "0").lower() in ("1", "true", "yes"))
+    max_body_bytes: int = field(default_factory=lambda: int(_env("LEDGER_MAX_BODY_BYTES", str(1 << 20))))
+    produce_timeout: float = 5.0
+    demo: bool = False
+    partitions: int = 3  # for topics the embedded broker creates
+
+
+class Services:
+    """What handlers need: the ledger, the producer, the consumer and the wake-up machinery."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.broker: Broker | None = None
+        self.ledger: Ledger
+        self.producer: AIOKafkaProducer
+        self.consumer: Consumer
+        self.notifier: Notifier
+        self.children: ChildWatcher
+        self.schemas: SchemaRegistry
+        self.bootstrap = settings.bootstrap
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings
+        if not self.bootstrap:
+            # The embedded default: a bundled broker on loopback (memory storage; the ledger is
+            # the durable copy, and the consumer notices the empty topics after a restart).
+            self.broker = await asyncio.to_thread(Broker().start)
+            self.bootstrap = self.broker.bootstrap
+            topics = {s.commands_topic: s.partitions, s.events_topic: s.partitions}
+            await create_topics_async(self.bootstrap, topics)
+        self.ledger = await asyncio.to_thread(Ledger.open, s.data_dir)
+        extra: tuple[Path, ...] = (s.schemas_dir,) if s.schemas_dir else ()
+        if s.demo:
+            from examples.bank import SCHEMAS
+
+            extra = (SCHEMAS, *extra)
+        self.schemas = SchemaRegistry(s.data_dir / "schemas", strict=s.strict, extra_dirs=extra)
+        self.notifier = Notifier(self.ledger)
+        self.children = ChildWatcher(self.ledger, self.notifier)
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", linger_ms=1, enable_idempotence=False,
+            request_timeout_ms=int(s.produce_timeout * 1000), max_batch_size=256 * 1024,
+        )
+        await self.producer.start()
+        self.consumer = Consumer(
+            self.ledger, bootstrap=self.bootstrap, group=s.group,
+            topics=(s.commands_topic, s.events_topic),
+        )
+        self._tasks.append(asyncio.create_task(self.consumer.run(self._stop), name="ledger-consumer"))
+        if s.demo:
+            from examples.bank import build
+
+            self._tasks.append(asyncio.create_task(build(self.bootstrap).run(self._stop), name="bank"))
+
+    async def stop(self, drain_seconds: float = 5.0) -> None:
+        """Let the consumer catch up with what was accepted, then close everything."""
+        deadline = time.monotonic() + drain_seconds
+        while time.monotonic() < deadline and self._lagging():
+            await asyncio.sleep(0.05)
+        self._stop.set()
+        for task in self._tasks:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+        with contextlib.suppress(Exception):
+            await self.producer.stop()
+        await self.children.close()
+        self.notifier.close()
+        await asyncio.to_thread(self.ledger.close)
+        if self.broker is not None:
+            await asyncio.to_thread(self.broker.stop)
+
+    def _lagging(self) -> bool:
+        parts = self.consumer.status.as_dict()["partitions"]
+        return any((p["lag"] or 0) > 0 for p in parts)
+
+    def ready(self) -> dict[str, Any]:
+        status = self.consumer.status.as_dict()
+        checks = {
+            "ledger": not self.ledger.read_only,
+            "consumer": status["running"] and bool(status["partitions"]),
+            "broker": self.producer.client.cluster.brokers() != set(),
+        }
+        return {"ready": all(checks.values()), "checks": checks, "tx": self.ledger.head.tx,
+                "consumer": status}
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Litestar) -> AsyncIterator[None]:
+    services: Services = app.state.services
+    await services.start()
+    try:
+        yield
+    finally:
+        await services.stop()

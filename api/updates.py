@@ -1,0 +1,85 @@
+"""Every new record in tx order, as Server-Sent Events or over a WebSocket. Streams read from the
+ledger, so a client that reconnects with Last-Event-ID (or ?after_tx=) loses nothing and sees
+nothing twice, however slow it is."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any
+
+from litestar import Request, WebSocket, get, websocket
+from litestar.exceptions import WebSocketDisconnect
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+
+from api.errors import bad_request
+from api.records import list_records, parse_position
+from api.services import Services  # Litestar reads handler annotations at runtime
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+KEEPALIVE_SECONDS = 15.0
+
+
+async def record_stream(
+    services: Services, after: tuple[int, int], kind: str | None, actions: list[str] | None
+) -> AsyncIterator[dict[str, Any]]:
+    position = after
+    while True:
+        upto = services.notifier.tx
+        items, _ = await asyncio.to_thread(
+            list_records, services.ledger, kind=kind, actions=actions, after=position, limit=500, upto=upto,
+        )
+        for item in items:
+            position = (item["tx"], item["seq"])
+            yield item
+        if len(items) < 500:
+            if not await services.notifier.wait_past(upto, KEEPALIVE_SECONDS):
+                yield {}  # keep-alive
+
+
+def _start(last_event_id: str | None, after_tx: str | None, kind: str | None) -> tuple[int, int]:
+    if kind not in (None, "command", "event"):
+        raise bad_request("kind must be 'command' or 'event'", field="kind")
+    if last_event_id:
+        return parse_position(last_event_id, "Last-Event-ID")
+    if after_tx:
+        return parse_position(after_tx, "after_tx")
+    return (0, -1)
+
+
+@get("/updates", tags=["updates"])
+async def sse_updates(
+    request: Request[Any, Any, Any], services: Services, kind: str | None = None,
+    action: list[str] | None = None, after_tx: str | None = None,
+) -> ServerSentEvent:
+    """Server-Sent Events: one `record` event per record, id `TX.SEQ`; resume with Last-Event-ID."""
+    after = _start(request.headers.get("last-event-id"), after_tx, kind)
+
+    async def messages() -> AsyncIterator[ServerSentEventMessage]:
+        async for item in record_stream(services, after, kind, action):
+            if not item:
+                yield ServerSentEventMessage(comment="keep-alive")
+                continue
+            yield ServerSentEventMessage(
+                data=json.dumps(item), event="record", id=f"{item['tx']}.{item['seq']}"
+            )
+
+    return ServerSentEvent(messages())
+
+
+@websocket("/updates")
+async def ws_updates(
+    socket: WebSocket[Any, Any, Any], services: Services, kind: str | None = None,
+    action: list[str] | None = None, after_tx: str | None = None,
+) -> None:
+    """The same stream over a WebSocket: JSON text frames; resume with ?after_tx=TX.SEQ."""
+    after = _start(None, after_tx, kind)
+    await socket.accept()
+    try:
+        async for item in record_stream(services, after, kind, action):
+            if item:
+                await socket.send_json(item)
+    except WebSocketDisconnect:
+        return
