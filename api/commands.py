@@ -64,10 +64,14 @@ class CommandController(Controller):
             **{k: env[k] for k in ("user", "system") if env.get(k) is not None},
         }
         key = services.schemas.entity_key(env["action"], env["data"]) or command["id"]
+        producer = services.producer
+        if producer is None:
+            raise unavailable(f"Kafka at {services.bootstrap} is not reachable; nothing was written, "
+                              "retry later")
         waiter = services.children.register(command["id"]) if sync else None
         try:
             meta = await asyncio.wait_for(
-                services.producer.send_and_wait(
+                producer.send_and_wait(
                     services.settings.commands_topic, json.dumps(command).encode(), key=key.encode()
                 ),
                 services.settings.produce_timeout,

@@ -20,7 +20,7 @@ from ledger.broker import Broker, create_topics_async
 from ledger.consumer import Consumer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from litestar import Litestar
 
@@ -57,7 +57,7 @@ class Services:
         self.settings = settings
         self.broker: Broker | None = None
         self.ledger: Ledger
-        self.producer: AIOKafkaProducer
+        self.producer: AIOKafkaProducer | None = None
         self.consumer: Consumer
         self.notifier: Notifier
         self.children: ChildWatcher
@@ -84,20 +84,47 @@ class Services:
         self.schemas = SchemaRegistry(s.data_dir / "schemas", strict=s.strict, extra_dirs=extra)
         self.notifier = Notifier(self.ledger)
         self.children = ChildWatcher(self.ledger, self.notifier)
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", linger_ms=1, enable_idempotence=False,
-            request_timeout_ms=int(s.produce_timeout * 1000), max_batch_size=256 * 1024,
-        )
-        await self.producer.start()
         self.consumer = Consumer(
             self.ledger, bootstrap=self.bootstrap, group=s.group,
             topics=(s.commands_topic, s.events_topic),
         )
-        self._tasks.append(asyncio.create_task(self.consumer.run(self._stop), name="ledger-consumer"))
+        # Kafka may be down: the API still serves reads, answers 503 to commands and /ready
+        # reports it, while these tasks keep trying to connect.
+        self._tasks.append(asyncio.create_task(self._keep_producer(), name="producer"))
+        self._tasks.append(asyncio.create_task(self._keep_running(self.consumer.run), name="consumer"))
         if s.demo:
             from examples.bank import build
 
-            self._tasks.append(asyncio.create_task(build(self.bootstrap).run(self._stop), name="bank"))
+            processor = build(self.bootstrap)
+            self._tasks.append(asyncio.create_task(self._keep_running(processor.run), name="bank"))
+
+    async def _keep_producer(self) -> None:
+        while not self._stop.is_set():
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap, acks="all", linger_ms=1, enable_idempotence=False,
+                request_timeout_ms=int(self.settings.produce_timeout * 1000), max_batch_size=256 * 1024,
+            )
+            try:
+                await producer.start()
+            except Exception as e:  # noqa: BLE001 - any failure to connect means "retry"
+                log.warning("Kafka at %s is not reachable (%s); retrying", self.bootstrap, e)
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 2)
+                continue
+            self.producer = producer
+            return
+
+    async def _keep_running(self, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        while not self._stop.is_set():
+            try:
+                await run(self._stop)
+            except Exception as e:  # noqa: BLE001 - log, back off, reconnect
+                self.consumer.status.last_error = f"{type(e).__name__}: {e}"
+                log.warning("%s failed (%s); restarting", run, e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 2)
 
     async def stop(self, drain_seconds: float = 5.0) -> None:
         """Let the consumer catch up with what was accepted, then close everything."""
@@ -108,8 +135,9 @@ class Services:
         for task in self._tasks:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(task, 10)
-        with contextlib.suppress(Exception):
-            await self.producer.stop()
+        if self.producer is not None:
+            with contextlib.suppress(Exception):
+                await self.producer.stop()
         await self.children.close()
         self.notifier.close()
         await asyncio.to_thread(self.ledger.close)
@@ -125,7 +153,7 @@ class Services:
         checks = {
             "ledger": not self.ledger.read_only,
             "consumer": status["running"] and bool(status["partitions"]),
-            "broker": self.producer.client.cluster.brokers() != set(),
+            "broker": self.producer is not None and bool(self.producer.client.cluster.brokers()),
         }
         return {"ready": all(checks.values()), "checks": checks, "tx": self.ledger.head.tx,
                 "consumer": status}

