@@ -54,7 +54,8 @@ def table_response(table: pa.Table, accept: str) -> Response[Any]:
         return Response(buf.getvalue(), media_type="application/vnd.apache.parquet")
     columns = [{"name": f.name, "type": str(f.type)} for f in table.schema]
     rows = [[_plain(v) for v in row.values()] for row in table.to_pylist()]
-    return Response({"columns": columns, "rows": rows, "row_count": len(rows)})
+    truncated = (table.schema.metadata or {}).get(b"truncated") == b"true"
+    return Response({"columns": columns, "rows": rows, "row_count": len(rows), "truncated": truncated})
 
 
 class QueryController(Controller):
@@ -130,9 +131,9 @@ class QueryController(Controller):
         table = await asyncio.to_thread(
             services.ledger.sql, data["sql"],
             as_of=None if as_of is None else time_param(str(as_of), "as_of"),
-            valid_at=data.get("valid_at"), params=data.get("params"),
+            valid_at=data.get("valid_at"), params=data.get("params"), limit=limit,
         )
-        return table_response(table.slice(0, limit), request.headers.get("accept", ""))
+        return table_response(table, request.headers.get("accept", ""))
 
 
 def _tx_json(t: Any) -> dict[str, Any]:

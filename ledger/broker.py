@@ -25,8 +25,13 @@ Client-side quirks to remember when talking to it with aiokafka: idempotent and
 transactional producers fail (InitProducerId v0 is not supported), so leave
 ``enable_idempotence`` off; ``consumer.end_offsets()`` is wrong, use
 ``consumer.highwater(tp)`` after a fetch; producing to an unknown topic
-auto-creates it with 4 partitions, so call :func:`create_topics` first; and a
-consumer-group join takes about 6 s to settle.
+auto-creates it with 4 partitions, so call :func:`create_topics` first; a
+consumer-group join takes about 6 s to settle; and in ``memory://`` a fetch
+gets slower as its partition accumulates batches (~5 ms at 5,000 single-record
+batches, ~30 ms at 20,000).  Once one fetch takes longer than the consumer's
+``fetch_max_wait_ms``, Tansu answers every fetch with no records and a
+highwater past the consumer's position, so the consumer livelocks silently.
+Keep ``fetch_max_wait_ms`` generous for long-lived consumers (bench/kafka_hop.py).
 """
 
 from __future__ import annotations

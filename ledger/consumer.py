@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from aiokafka.structs import ConsumerRecord
 
     from ledger.ledger import Ledger
+    from ledger.records import TxReport
 
 log = logging.getLogger("ledger.consumer")
 ID_NAMESPACE = uuid.UUID("6f1c1f7e-3f4b-4d0e-9a55-1e6c0b8c4a10")
@@ -198,9 +199,17 @@ class Consumer:
         self._marks: dict[tuple[str, int], OffsetMark] = {}
         self._check_digest: dict[tuple[str, int], int] = {}  # tp -> offset whose digest to compare
         self.assigned_event = asyncio.Event()
+        # A rebalance can run (in aiokafka's coordinator task) while a batch is being appended, or
+        # between getmany() returning and the batch being appended. The lock keeps the assignment
+        # (ledger offsets read + seek) from interleaving with an append, and the epoch lets a batch
+        # fetched before the latest assignment be dropped: its partitions were re-sought, so it
+        # comes again (and a stale batch would otherwise look like "offsets went backwards").
+        self._lock = asyncio.Lock()
+        self._epoch = 0
 
     # ------------------------------------------------------------------ partition assignment
     def _on_assigned(self, kafka: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
+        self._epoch += 1
         stored = self.ledger.offsets(self.group)
         self.status.assigned = {}
         for tp in assigned:
@@ -245,7 +254,8 @@ class Consumer:
                 consumer.assigned_event.clear()
 
             async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-                consumer._on_assigned(kafka, assigned)  # a quick catalog read; seek must run here
+                async with consumer._lock:  # after the append in flight, if any, has committed
+                    consumer._on_assigned(kafka, assigned)  # a quick catalog read; seek must run here
 
         await kafka.start()
         self._kafka = kafka
@@ -257,16 +267,16 @@ class Consumer:
         stopper = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                fetch = asyncio.ensure_future(kafka.getmany(timeout_ms=200, max_records=self.max_batch))
+                fetch = asyncio.ensure_future(self._fetch(kafka))
                 await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
                     fetch.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await fetch
                     break
-                batch = fetch.result()
+                epoch, batch = fetch.result()
                 if batch:
-                    await self._ingest(kafka, batch)
+                    await self._ingest(kafka, batch, epoch)
                 self._refresh_lag(kafka)
         finally:
             stopper.cancel()
@@ -280,20 +290,57 @@ class Consumer:
             if hw is not None:
                 st.highwater = hw
 
+    async def _fetch(
+        self, kafka: AIOKafkaConsumer
+    ) -> tuple[int, dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]:
+        batch = await kafka.getmany(timeout_ms=200, max_records=self.max_batch)
+        return self._epoch, batch  # the assignment the batch was fetched under
+
     async def _ingest(
-        self, kafka: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+        self, kafka: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+        epoch: int,
     ) -> None:
+        async with self._lock:
+            if epoch != self._epoch:
+                log.info("dropping a batch fetched before the latest partition assignment")
+                return
+            work = []
+            for tp, msgs in batch.items():
+                msgs = self._check_generation(kafka, tp, msgs)  # may seek: stays on the loop
+                if msgs:
+                    work.append((tp, msgs, self._marks.get((tp.topic, tp.partition), OffsetMark(0))))
+            if not work:
+                return
+            # Decoding is CPU work: with the append, off the event loop (heartbeats, the API).
+            report, offsets = await asyncio.to_thread(self._append, work)
+            for (_, topic, partition), mark in offsets.items():
+                self._marks[(topic, partition)] = mark
+                st = self.status.assigned.get(f"{topic}/{partition}")
+                if st is not None:
+                    st.next_offset, st.generation = mark.next_offset, mark.generation
+            s = self.status
+            s.records += len(report.ids)
+            s.duplicates += len(report.duplicates)
+            s.quarantined += report.quarantined
+            s.transactions += 1
+            s.last_tx = report.tx
+        # Advisory only (the ledger's offsets are the truth), so bounded: while the broker is
+        # down, aiokafka's commit() waits for a coordinator for ever, and so would shutdown.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(kafka.commit({
+                TopicPartition(t, p): OffsetAndMetadata(m.next_offset, "")
+                for (_, t, p), m in offsets.items()
+            }), timeout=5)
+
+    def _append(
+        self, work: list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]], OffsetMark]]
+    ) -> tuple[TxReport, dict[tuple[str, str, int], OffsetMark]]:
+        """Decode one batch and append it, with its quarantine and offsets, as one transaction."""
         records: list[dict[str, Any]] = []
         quarantine: list[Quarantined] = []
         offsets: dict[tuple[str, str, int], OffsetMark] = {}
         covered: dict[str, list[int]] = {}
-        for tp, msgs in batch.items():
-            key = (tp.topic, tp.partition)
-            mark = self._marks.get(key, OffsetMark(0))
-            msgs = self._check_generation(kafka, tp, msgs)
-            if not msgs:
-                continue
-            mark = self._marks.get(key, mark)
+        for tp, msgs, mark in work:
             kind = self.kinds.get(tp.topic)
             for msg in msgs:
                 item = decode(
@@ -308,28 +355,9 @@ class Consumer:
                 last.offset + 1, mark.generation, message_digest(last)
             )
             covered[f"{tp.topic}/{tp.partition}"] = [msgs[0].offset, last.offset]
-        if not offsets:
-            return
         meta = {"consumer": self.group, "offsets": covered}
-        report = await asyncio.to_thread(
-            self.ledger.append, records, meta, quarantine=quarantine, offsets=offsets
-        )
-        for (_, topic, partition), mark in offsets.items():
-            self._marks[(topic, partition)] = mark
-            st = self.status.assigned.get(f"{topic}/{partition}")
-            if st is not None:
-                st.next_offset, st.generation = mark.next_offset, mark.generation
-        s = self.status
-        s.records += len(report.ids)
-        s.duplicates += len(report.duplicates)
-        s.quarantined += report.quarantined
-        s.transactions += 1
-        s.last_tx = report.tx
-        with contextlib.suppress(Exception):  # advisory only: the ledger's offsets are the truth
-            await kafka.commit({
-                TopicPartition(t, p): OffsetAndMetadata(m.next_offset, "")
-                for (_, t, p), m in offsets.items()
-            })
+        report = self.ledger.append(records, meta, quarantine=quarantine, offsets=offsets)
+        return report, offsets
 
     def _check_generation(
         self, kafka: AIOKafkaConsumer, tp: TopicPartition, msgs: list[ConsumerRecord[bytes, bytes]]

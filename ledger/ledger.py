@@ -37,7 +37,7 @@ from ledger.records import (
 )
 from ledger.storage import segments as seg
 from ledger.storage.catalog import CATALOG_DDL, RELATIONS, columns, quote, union_sql
-from ledger.temporal import Database, Pin, TimePoint, check_time_point
+from ledger.temporal import DEFAULT_TIMEOUT, Database, Pin, TimePoint, check_time_point
 
 if TYPE_CHECKING:
     import os
@@ -320,8 +320,9 @@ class Ledger:
     def sql(
         self, query: str, *, as_of: TimePoint | None = None, valid_at: datetime | str | None = None,
         params: Sequence[Any] | Mapping[str, Any] | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT, limit: int | None = None,
     ) -> pa.Table:
-        return self._at(as_of).sql(query, params=params, valid_at=valid_at)
+        return self._at(as_of).sql(query, params=params, valid_at=valid_at, timeout=timeout, limit=limit)
 
     def tx_range(self, start: TimePoint | None = None, end: TimePoint | None = None) -> list[Transaction]:
         """Transactions with start <= tx < end (Datomic's tx-range), each with its records."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
     from ledger.ledger import Ledger
 
+DEFAULT_TIMEOUT = 30.0  # seconds a query may run before it is interrupted
 TimePoint = int | datetime | str  # a tx number, or an instant in transaction time
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 _RELATION_NAME = re.compile(
@@ -167,18 +169,41 @@ class Database:
         *,
         params: Sequence[Any] | Mapping[str, Any] | None = None,
         valid_at: datetime | str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        limit: int | None = None,
     ) -> pa.Table:
-        """Run one SELECT over log, commands, events, datoms, entities, transactions, quarantine."""
+        """Run one SELECT over log, commands, events, datoms, entities, transactions, quarantine.
+
+        A query running longer than `timeout` seconds is interrupted; `limit` caps the rows
+        returned (the result's schema metadata says `truncated` when rows were cut).
+        """
         check_read_only(query)
         pin = self._with_valid(valid_at)
         with self._ledger.snapshot() as (cur, files):
             for name, body in relation_views(pin, files).items():
                 if name in needed_relations(query):
                     cur.execute(f"CREATE TEMP VIEW {name} AS {body}")
+            timer = None if timeout is None else threading.Timer(timeout, cur.interrupt)
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
             try:
-                return cur.sql(query, params=params).to_arrow_table()
+                rel = cur.sql(query, params=params)
+                if limit is not None and rel is not None:
+                    rel = rel.limit(limit + 1)
+                table = rel.to_arrow_table() if rel is not None else None
+            except duckdb.InterruptException as e:
+                raise InvalidQuery(f"query interrupted: it ran longer than the {timeout} s limit") from e
             except duckdb.Error as e:
                 raise InvalidQuery(str(e).strip()) from e
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        if table is None:
+            raise InvalidQuery("the statement returned no result")
+        if limit is not None and table.num_rows > limit:
+            table = table.slice(0, limit).replace_schema_metadata({"truncated": "true"})
+        return table
 
 
 def check_time_point(t: object, what: str) -> int | datetime:

@@ -125,7 +125,10 @@ def test_async_command_is_accepted_and_lands_in_the_ledger(server: Server) -> No
 def test_cursor_pagination_is_stable_while_records_arrive(server: Server) -> None:
     for i in range(7):
         assert post_command(server, {"action": "page-test", "data": {"i": i}}).status_code == 202
-    wait_for(lambda: len(httpx.get(server.url + "/commands", params={"action": "page-test"}).json()["items"]) == 7)
+    def count() -> int:
+        return len(httpx.get(server.url + "/commands", params={"action": "page-test"}).json()["items"])
+
+    wait_for(lambda: count() == 7)
     seen, cursor = [], None
     while True:
         params: dict[str, Any] = {"action": "page-test", "limit": 3}
@@ -135,8 +138,7 @@ def test_cursor_pagination_is_stable_while_records_arrive(server: Server) -> Non
         seen += [c["data"]["i"] for c in page["items"]]
         if len(seen) == 3:  # new records arriving mid-pagination only extend the end
             post_command(server, {"action": "page-test", "data": {"i": 7}})
-            wait_for(lambda: len(httpx.get(server.url + "/commands",
-                                           params={"action": "page-test"}).json()["items"]) == 8)
+            wait_for(lambda: count() == 8)
         cursor = page["next_cursor"]
         if cursor is None:
             break

@@ -263,6 +263,14 @@ async def test_scripted_run_matches_the_model_and_a_new_instance_carries_on(kafk
         for _, e in events if e["action"] in ("money-deposited", "money-withdrawn")
     )
 
+    # Every command redelivered (a group with no committed offsets, same processor name): all are
+    # recognised as done, nothing is emitted, and the rebuilt balances are the same.
+    replica = build(bs, group="bank-a-replica", name="bank-a", commands_topic=commands_topic,
+                    events_topic=events_topic, join_group=False)
+    await run_until(replica, lambda: replica.status.redelivered == len(first) + len(second))
+    assert replica.status.commands == 0 and replica.state.balances == model.balances
+    assert len(await read_events(bs, events_topic)) == len(events)
+
 
 async def test_kill_9_mid_run_loses_and_doubles_nothing(kafka: Broker, tmp_path: Path) -> None:
     bs = kafka.bootstrap
@@ -304,9 +312,8 @@ async def test_kill_9_mid_run_loses_and_doubles_nothing(kafka: Broker, tmp_path:
     handled_before = len({e["parent"] for _, e in before})
     await run_until(bank, lambda: bank.status.commands + bank.status.redelivered
                     == len(commands) - committed)
-    print("KILLSTATS", handled_before, committed, bank.status.as_dict())
-    # Commands whose events were out but whose offsets were not committed came back, and were
-    # recognised instead of being applied a second time.
+    # Commands whose events were out but whose offsets were not committed (if the kill fell between
+    # the acks and the commit, about one run in three) came back and were recognised, not re-applied.
     assert bank.status.redelivered == handled_before - committed
     assert bank.status.commands == len(commands) - handled_before
 

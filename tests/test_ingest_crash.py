@@ -49,11 +49,11 @@ def envelope(i: int, kind: str) -> bytes:
 
 
 class Producer:
-    """Produces `plan` [(topic, count)] in chunks from its own thread and event loop, paced so the
+    """Produces `plan` [(topic, first, count)]: envelopes first..first+count-1, in chunks from its own thread and event loop, paced so the
     stream keeps flowing while consumers are killed. `sent[(topic, partition)]` counts what was
     acknowledged."""
 
-    def __init__(self, bootstrap: str, plan: list[tuple[str, int]], chunk: int, pause: float) -> None:
+    def __init__(self, bootstrap: str, plan: list[tuple[str, int, int]], chunk: int, pause: float) -> None:
         self.bootstrap, self.plan, self.chunk, self.pause = bootstrap, plan, chunk, pause
         self.sent: collections.Counter[tuple[str, int]] = collections.Counter()
         self.error: BaseException | None = None
@@ -80,11 +80,11 @@ class Producer:
                                     max_batch_size=256 * 1024, acks="all")
         await producer.start()
         try:
-            for topic, count in self.plan:
+            for topic, first, count in self.plan:
                 kind = "event" if topic.endswith("events") else "command"
-                for start in range(0, count, self.chunk):
+                for start in range(first, first + count, self.chunk):
                     futures = []
-                    for i in range(start, min(count, start + self.chunk)):
+                    for i in range(start, min(first + count, start + self.chunk)):
                         p = i % PARTITIONS
                         futures.append((p, await producer.send(topic, envelope(i, kind), partition=p,
                                                                key=f"k{i}".encode())))
@@ -116,7 +116,7 @@ class ConsumeProcess:
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
-        with self.log.open("a") as out:
+        with self.proc.stderr, self.log.open("a") as out:
             for line in self.proc.stderr:
                 out.write(line)
                 self.lines.append(line)
@@ -216,9 +216,8 @@ def test_sigkill_at_random_moments_exactly_once(broker: Broker, tmp_path: Path) 
     create_topics(broker.bootstrap, {commands: PARTITIONS, events: PARTITIONS})
     counts = {commands: 100_000, events: 600}
     # ~20 s of traffic, so kills land while batches of every size are being appended.
-    producer = Producer(broker.bootstrap, [(events, 300), (commands, 100_000), (events, 300)],
+    producer = Producer(broker.bootstrap, [(events, 0, 300), (commands, 0, 100_000), (events, 300, 300)],
                         chunk=2_500, pause=0.45).start()
-    counts[events] = 600
     data_dir, log = tmp_path / "ledger", tmp_path / "consume.log"
     kills_while_consuming = kills = 0
     started = time.monotonic()
@@ -228,7 +227,7 @@ def test_sigkill_at_random_moments_exactly_once(broker: Broker, tmp_path: Path) 
             time.sleep(rnd.uniform(0.0, 1.5))  # sometimes mid-startup or mid-join
         else:
             assert proc.assigned.wait(30), f"no partition assignment:\n{proc.tail()}"
-            time.sleep(rnd.uniform(0.05, 1.2))
+            time.sleep(rnd.uniform(0.05, 3.0))  # a 10,000-record append takes ~1-2 s here
         assert proc.proc.poll() is None, f"consumer died by itself:\n{proc.tail()}"
         consuming = proc.assigned.is_set()
         proc.kill()
@@ -251,7 +250,7 @@ def test_standby_takes_over_when_the_active_consumer_dies(broker: Broker, tmp_pa
     commands, events, group = "failover-commands", "failover-events", "failover"
     create_topics(broker.bootstrap, {commands: PARTITIONS, events: PARTITIONS})
     counts = {commands: 30_000, events: 300}
-    producer = Producer(broker.bootstrap, [(commands, 30_000), (events, 300)],
+    producer = Producer(broker.bootstrap, [(commands, 0, 30_000), (events, 0, 300)],
                         chunk=1_000, pause=0.2).start()
     data_dir, topics = tmp_path / "ledger", f"{commands},{events}"
     first = ConsumeProcess(data_dir, broker.bootstrap, group, topics, tmp_path / "first.log")
