@@ -17,7 +17,7 @@ from ledger.records import Datom, to_utc
 from ledger.storage.catalog import union_sql
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     import pyarrow as pa
 
@@ -26,9 +26,6 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT = 30.0  # seconds a query may run before it is interrupted
 TimePoint = int | datetime | str  # a tx number, or an instant in transaction time
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
-_RELATION_NAME = re.compile(
-    r"\b(log|commands|events|datoms|entities|transactions|quarantine)\b", re.IGNORECASE
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,36 +52,78 @@ class Pin:
         return "tx DESC, seq DESC"
 
 
-def relation_views(pin: Pin, files: Mapping[str, Sequence[str]]) -> dict[str, str]:
-    """The SQL of every relation a query sees, restricted to `pin`."""
+def relation_views(pin: Pin, files: Mapping[str, Sequence[str]], suffix: str = "") -> dict[str, str]:
+    """The SQL of every relation a query sees, restricted to `pin` (named with `suffix`)."""
     def pinned(relation: str, valid: bool) -> str:
         return union_sql(relation, files[relation], where=pin.where(valid=valid))
 
     return {
-        "log": pinned("records", True),
-        "commands": "SELECT * FROM log WHERE kind = 'command'",
-        "events": "SELECT * FROM log WHERE kind = 'event'",
-        "datoms": pinned("datoms", True),
-        "entities": (
+        f"log{suffix}": pinned("records", True),
+        f"commands{suffix}": f"SELECT * FROM log{suffix} WHERE kind = 'command'",
+        f"events{suffix}": f"SELECT * FROM log{suffix} WHERE kind = 'event'",
+        f"datoms{suffix}": pinned("datoms", True),
+        f"entities{suffix}": (
             # json_group_object with its fields in a fixed order: the same state is the same text
             "SELECT e, CAST('{' || string_agg(to_json(a) || ':' || v, ',' ORDER BY a) || '}' AS JSON) "
             "AS state, max(tx) AS tx, max(tx_time) AS tx_time "
-            "FROM (SELECT * FROM datoms QUALIFY row_number() OVER "
+            f"FROM (SELECT * FROM datoms{suffix} QUALIFY row_number() OVER "
             f"(PARTITION BY e, a ORDER BY {pin.latest_first}) = 1) WHERE op GROUP BY e"
         ),
-        "transactions": pinned("transactions", False),
-        "quarantine": pinned("quarantine", False),
+        f"transactions{suffix}": pinned("transactions", False),
+        f"quarantine{suffix}": pinned("quarantine", False),
     }
 
 
-def needed_relations(query: str) -> set[str]:
+RELATIONS = ("log", "commands", "events", "datoms", "entities", "transactions", "quarantine")
+
+
+def needed_relations(query: str, suffix: str = "") -> set[str]:
     """The relations a query may mention (binding a view over Parquet is not free)."""
-    names = {m.lower() for m in _RELATION_NAME.findall(query)}
+    pattern = rf"\b({'|'.join(RELATIONS)}){re.escape(suffix)}\b"
+    names = {m.lower() for m in re.findall(pattern, query, re.IGNORECASE)}
     if names & {"commands", "events"}:
         names.add("log")
     if "entities" in names:
         names.add("datoms")
-    return names
+    return {n + suffix for n in names}
+
+
+_TIME_TRAVEL = re.compile(
+    r"\b(?P<rel>[A-Za-z_][A-Za-z0-9_]*)\s+FOR\s+SYSTEM_TIME\s+AS\s+OF\s+"
+    r"(?P<point>\d+|TIMESTAMP\s*'[^']*'|'[^']*')(?P<after>\s+(?P<next>[A-Za-z_]+))?",
+    re.IGNORECASE,
+)
+_NOT_ALIASES = {
+    "where", "join", "left", "right", "inner", "outer", "full", "cross", "on", "using", "group",
+    "order", "limit", "having", "union", "except", "intersect", "window", "qualify", "natural",
+    "asof", "positional", "offset", "for",
+}
+
+
+def suffix_for(tx: int) -> str:
+    return f"__as_of_{tx}"
+
+
+def rewrite_time_travel(query: str, resolve: Callable[[TimePoint], int]) -> tuple[str, set[int]]:
+    """SQL:2011 `rel FOR SYSTEM_TIME AS OF <tx | TIMESTAMP '...'>` as a relation pinned at that
+    tx (kept under its own name as alias). Returns the rewritten query and the txs it needs."""
+    txs: set[int] = set()
+
+    def replace_clause(m: re.Match[str]) -> str:
+        point = m.group("point")
+        if point.isdigit():
+            tx = resolve(int(point))
+        else:
+            tx = resolve(point.split("'")[1])
+        txs.add(tx)
+        name = m.group("rel")
+        out = f"{name}{suffix_for(tx)}"
+        nxt = m.group("next")
+        if nxt is None or nxt.lower() in _NOT_ALIASES:
+            out += f" AS {name}"
+        return out + (m.group("after") or "")
+
+    return _TIME_TRAVEL.sub(replace_clause, query), txs
 
 
 def check_read_only(query: str) -> None:
@@ -177,12 +216,15 @@ class Database:
         A query running longer than `timeout` seconds is interrupted; `limit` caps the rows
         returned (the result's schema metadata says `truncated` when rows were cut).
         """
+        query, past = rewrite_time_travel(query, lambda t: min(self.pin.basis, self._ledger.resolve(t)))
         check_read_only(query)
         pin = self._with_valid(valid_at)
         with self._ledger.snapshot() as (cur, files):
-            for name, body in relation_views(pin, files).items():
-                if name in needed_relations(query):
-                    cur.execute(f"CREATE TEMP VIEW {name} AS {body}")
+            for p, suffix in [(pin, ""), *((replace(pin, basis=t), suffix_for(t)) for t in sorted(past))]:
+                wanted = needed_relations(query, suffix)
+                for name, body in relation_views(p, files, suffix).items():
+                    if name in wanted:
+                        cur.execute(f"CREATE TEMP VIEW {name} AS {body}")
             timer = None if timeout is None else threading.Timer(timeout, cur.interrupt)
             if timer is not None:
                 timer.daemon = True
