@@ -80,6 +80,7 @@ class CommandController(Controller):
             services.children.forget(command["id"])
             raise unavailable(f"Kafka did not accept the command ({type(e).__name__}: {e}); "
                               "nothing was written, retry later") from e
+        services.produced(meta.topic, meta.partition, meta.offset)
         body = {**command, "topic": meta.topic, "partition": meta.partition, "offset": meta.offset,
                 "status": "accepted"}
         location = {"Location": f"/commands/{command['id']}"}

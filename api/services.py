@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -65,6 +66,7 @@ class Services:
         self.bootstrap = settings.bootstrap
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        self._produced: dict[tuple[str, int], int] = {}
 
     async def start(self) -> None:
         s = self.settings
@@ -95,8 +97,29 @@ class Services:
         if s.demo:
             from examples.bank import build
 
-            processor = build(self.bootstrap)
-            self._tasks.append(asyncio.create_task(self._keep_running(processor.run), name="bank"))
+            processor = build(self.bootstrap, commands_topic=s.commands_topic, events_topic=s.events_topic)
+            # Seed the bank's state from the ledger's events: the bundled broker keeps its topics
+            # in memory, the ledger is the durable copy (events seen in both are folded once).
+            seed = await asyncio.to_thread(self._ledger_events)
+
+            async def run_bank(stop: asyncio.Event) -> None:
+                await processor.run(stop, seed=seed)
+
+            self._tasks.append(asyncio.create_task(self._keep_running(run_bank), name="bank"))
+
+    def _ledger_events(self) -> list[Any]:
+        from ledger.processor import Event
+
+        rows = self.ledger.sql(
+            "SELECT id, action, data, parent, valid_time, headers FROM events ORDER BY tx, seq",
+            timeout=None,
+        ).to_pylist()
+        return [
+            Event(action=r["action"], data=json.loads(r["data"]), id=r["id"], parent=r["parent"],
+                  timestamp=r["valid_time"].isoformat(),
+                  system=dict(json.loads(r["headers"] or "[]")).get("system"))
+            for r in rows
+        ]
 
     async def _keep_producer(self) -> None:
         while not self._stop.is_set():
@@ -126,10 +149,21 @@ class Services:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 2)
 
-    async def stop(self, drain_seconds: float = 5.0) -> None:
-        """Let the consumer catch up with what was accepted, then close everything."""
+    def produced(self, topic: str, partition: int, offset: int) -> None:
+        """Remember the furthest offset this process wrote, so shutdown can wait for the ledger."""
+        key = (topic, partition)
+        self._produced[key] = max(self._produced.get(key, 0), offset + 1)
+
+    def _unconsumed(self) -> bool:
+        stored = self.ledger.offsets(self.settings.group)
+        return any(
+            (m := stored.get(tp)) is None or m.next_offset < n for tp, n in self._produced.items()
+        ) or self._lagging()
+
+    async def stop(self, drain_seconds: float = 10.0) -> None:
+        """Let the consumer store everything this process accepted, then close everything."""
         deadline = time.monotonic() + drain_seconds
-        while time.monotonic() < deadline and self._lagging():
+        while time.monotonic() < deadline and await asyncio.to_thread(self._unconsumed):
             await asyncio.sleep(0.05)
         self._stop.set()
         for task in self._tasks:

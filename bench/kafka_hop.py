@@ -11,14 +11,16 @@ Numbers that matter for sizing the ledger's ingest path:
   from as a partition accumulates batches.  When one fetch takes longer than the
   consumer's fetch_max_wait_ms, Tansu answers with an empty record set and a
   highwater beyond the consumer's position, every time: the consumer livelocks.
-  (With fetch_max_wait_ms=5 this happened after ~6,000-9,000 single-record
-  batches in one partition.)  Each latency run therefore uses a fresh broker
-  and guards getone() with a timeout.
+  Measured stall points (single-record batches in one partition): wait=5 ms
+  stalls by 10,000, wait=20 by 40,000, wait=100 by 80,000; wait=500 still
+  worked at 80,000 (320 ms per fetch).  Each latency run therefore uses a fresh
+  broker and guards getone() with a timeout; the last section reproduces this.
 
 Usage:
 
     python bench/kafka_hop.py [--latency-n 1000] [--waits 5,20,100,500]
-                              [--records 200000] [--size 300] [--scaling 1000,5000,20000]
+                              [--records 200000] [--size 300]
+                              [--scaling 5000,10000,20000,40000]
 """
 
 from __future__ import annotations
@@ -156,21 +158,29 @@ async def throughput(records: int, size: int) -> None:
             )
 
 
-async def _fetch_ms(bootstrap: str, tp: TopicPartition, offset: int) -> float:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=2000, enable_auto_commit=False)
+async def _tail_fetch(bootstrap: str, tp: TopicPartition, offset: int, fetch_max_wait_ms: int) -> str:
+    """How long a fresh consumer takes to get the record at ``offset``, or STALL."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        enable_auto_commit=False,
+    )
     await consumer.start()
     try:
         consumer.assign([tp])
         consumer.seek(tp, offset)
         t0 = time.perf_counter()
-        await consumer.getone()
-        return (time.perf_counter() - t0) * 1e3
+        try:
+            await asyncio.wait_for(consumer.getone(), STALL_SECONDS)
+        except TimeoutError:
+            return "STALL"
+        return f"{(time.perf_counter() - t0) * 1e3:.0f} ms"
     finally:
         await consumer.stop()
 
 
-async def scaling(points: list[int], size: int) -> None:
-    """Time one tail fetch as a partition grows by single-record batches."""
+async def scaling(points: list[int], waits: list[int], size: int) -> None:
+    """Tail-fetch time per fetch_max_wait_ms as a partition grows by single-record batches."""
     with Broker() as broker:
         bootstrap, topic = broker.bootstrap, "hop-scaling"
         await create_topics_async(bootstrap, {topic: 1})
@@ -184,8 +194,8 @@ async def scaling(points: list[int], size: int) -> None:
                 while written < target:
                     await producer.send_and_wait(topic, payload, partition=0)
                     written += 1
-                tail = await _fetch_ms(bootstrap, tp, written - 1)
-                print(f"fetch tail record of a {written}-batch partition: {tail:.1f} ms", flush=True)
+                cells = [f"wait={w}: {await _tail_fetch(bootstrap, tp, written - 1, w)}" for w in waits]
+                print(f"tail fetch, {written:>6}-batch partition: " + ", ".join(cells), flush=True)
         finally:
             await producer.stop()
 
@@ -196,14 +206,15 @@ async def main() -> None:
     parser.add_argument("--waits", default="5,20,100,500")
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--size", type=int, default=300)
-    parser.add_argument("--scaling", default="1000,5000,20000")
+    parser.add_argument("--scaling", default="5000,10000,20000,40000")
     args = parser.parse_args()
 
-    for wait in (int(w) for w in args.waits.split(",") if w):
+    waits = [int(w) for w in args.waits.split(",") if w]
+    for wait in waits:
         await latency(args.latency_n, warmup=50, fetch_max_wait_ms=wait, size=args.size)
     await throughput(args.records, args.size)
     if args.scaling:
-        await scaling([int(p) for p in args.scaling.split(",")], args.size)
+        await scaling([int(p) for p in args.scaling.split(",")], waits, args.size)
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ class Consumer:
         self, ledger: Ledger, *, bootstrap: str, group: str = "ledger",
         topics: tuple[str, ...] = ("commands", "events"), pattern: str | None = None,
         kinds: dict[str, str] | None = None, max_batch: int = 10_000,
-        max_value_bytes: int = 1 << 20, fetch_max_wait_ms: int = 5,
+        max_value_bytes: int = 1 << 20, fetch_max_wait_ms: int = 100,
         kafka_options: Mapping[str, Any] | None = None,
     ) -> None:
         """`kafka_options` are extra AIOKafkaConsumer settings (default: $LEDGER_KAFKA_OPTIONS)."""
@@ -286,9 +286,20 @@ class Consumer:
 
     def _refresh_lag(self, kafka: AIOKafkaConsumer) -> None:
         for st in self.status.assigned.values():
-            hw = kafka.highwater(TopicPartition(st.topic, st.partition))
-            if hw is not None:
-                st.highwater = hw
+            tp = TopicPartition(st.topic, st.partition)
+            hw = kafka.highwater(tp)
+            if hw is None:
+                continue
+            st.highwater = hw
+            mark = self._marks.get((st.topic, st.partition))
+            if mark is not None and hw < mark.next_offset:
+                # The partition ends before what we already stored: it was recreated (or the
+                # broker lost its log). Waiting for it to grow would skip its first records.
+                self._check_digest.pop((st.topic, st.partition), None)
+                self._new_generation(
+                    kafka, tp, f"the broker's end offset {hw} is before the stored {mark.next_offset}"
+                )
+                st.next_offset, st.generation = 0, mark.generation + 1
 
     async def _fetch(
         self, kafka: AIOKafkaConsumer

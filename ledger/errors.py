@@ -39,3 +39,11 @@ class ConfigMismatch(LedgerError):
 
 class CorruptLedger(LedgerError):
     """The data directory is not a ledger, or its catalog cannot be read."""
+
+
+class UnknownView(LedgerError):
+    """No view of that name (as of the tx asked about)."""
+
+
+class InvalidViewName(LedgerError):
+    """A view name that is malformed or would shadow a relation."""

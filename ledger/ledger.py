@@ -616,9 +616,11 @@ class Ledger:
 
 
 def _confine(con: duckdb.DuckDBPyConnection, root: Path) -> None:
-    """No file access beyond the ledger's own segments, whatever SQL a reader sends."""
+    """No file access beyond the ledger's own segments and materialized views, whatever SQL a
+    reader sends."""
     segments = (root / seg.SEGMENTS_DIR).resolve()
-    con.execute(f"SET allowed_directories = [{quote(str(segments) + '/')}]")
+    views = (root / "views").resolve()  # materializations: ledger.views.VIEWS_DIR
+    con.execute(f"SET allowed_directories = [{quote(str(segments) + '/')}, {quote(str(views) + '/')}]")
     con.execute("SET enable_external_access = false")
 
 

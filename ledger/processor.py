@@ -149,6 +149,21 @@ def _envelope(value: bytes | None) -> dict[str, Any] | str:
     return env
 
 
+def _batch(raw: bytes) -> dict[str, Any] | None:
+    """A ``commander-batch`` header as ``{"user", "timestamp", "events": [Event]}``, or None if it is
+    not one (a foreign producer's header must not stop the replay)."""
+    try:
+        batch = json.loads(raw)
+        events = [Event(e["action"], e["data"]) for e in batch["events"]]
+        if not all(isinstance(e.action, str) and isinstance(e.data, dict) for e in events):
+            return None
+        return {"user": _opt_str(batch.get("user")), "timestamp": _opt_str(batch.get("timestamp")),
+                "events": events}
+    except (ValueError, TypeError, KeyError):
+        log.warning("ignoring a malformed %s header", BATCH_HEADER)
+        return None
+
+
 def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
 
@@ -258,7 +273,7 @@ class Processor(Generic[S]):
         await producer.start()
         try:
             if self.replay:
-                await self._rebuild(producer, seed)
+                await self._rebuild(producer, seed, stop)
             if not stop.is_set():
                 await self._consume(producer, stop)
         finally:
@@ -267,9 +282,11 @@ class Processor(Generic[S]):
             await producer.stop()
 
     # --------------------------------------------------------------------------------- replay
-    async def _rebuild(self, producer: AIOKafkaProducer, seed: Iterable[Event]) -> None:
+    async def _rebuild(
+        self, producer: AIOKafkaProducer, seed: Iterable[Event], stop: asyncio.Event
+    ) -> None:
         seen: set[str] = set()  # event ids folded so far: duplicates in the log are folded once
-        partial: dict[str, bytes] = {}  # parent -> batch header, while not all its events are seen
+        partial: dict[str, dict[str, Any]] = {}  # parent -> its batch, until all its events are seen
         for event in seed:
             if event.id is None or event.id not in seen:
                 self._note_replayed(event, None, seen, partial)
@@ -289,6 +306,8 @@ class Processor(Generic[S]):
             target: dict[TopicPartition, int] = {}
             remaining = set(tps)
             while remaining:
+                if stop.is_set():
+                    return
                 batch = await kafka.getmany(timeout_ms=200, max_records=_REPLAY_BATCH)
                 for msgs in batch.values():
                     for msg in msgs:
@@ -305,7 +324,7 @@ class Processor(Generic[S]):
                  self.name, self.status.replayed, len(self._done))
 
     def _replay_message(
-        self, msg: ConsumerRecord[bytes, bytes], seen: set[str], partial: dict[str, bytes]
+        self, msg: ConsumerRecord[bytes, bytes], seen: set[str], partial: dict[str, dict[str, Any]]
     ) -> None:
         env = _envelope(msg.value)
         if isinstance(env, str):
@@ -318,11 +337,12 @@ class Processor(Generic[S]):
             action=env["action"], data=env["data"], id=env["id"], parent=_opt_str(env.get("parent")),
             timestamp=_opt_str(env.get("timestamp")), system=_opt_str(env.get("system")),
         )
-        batch = next((v for k, v in msg.headers or () if k == BATCH_HEADER), None)
-        self._note_replayed(event, batch, seen, partial)
+        raw = next((v for k, v in msg.headers or () if k == BATCH_HEADER), None)
+        self._note_replayed(event, None if raw is None else _batch(raw), seen, partial)
 
     def _note_replayed(
-        self, event: Event, batch: bytes | None, seen: set[str], partial: dict[str, bytes]
+        self, event: Event, batch: dict[str, Any] | None, seen: set[str],
+        partial: dict[str, dict[str, Any]],
     ) -> None:
         if event.id is not None:
             seen.add(event.id)
@@ -336,26 +356,28 @@ class Processor(Generic[S]):
         pending = partial.get(event.parent)
         if pending is not None and all(
             event_id(event.parent, i, processor=self.name) in seen
-            for i in range(len(json.loads(pending)["events"]))
+            for i in range(len(pending["events"]))
         ):
             del partial[event.parent]
 
     async def _complete(
-        self, producer: AIOKafkaProducer, partial: dict[str, bytes], seen: set[str]
+        self, producer: AIOKafkaProducer, partial: dict[str, dict[str, Any]], seen: set[str]
     ) -> None:
         """Produce the events a crash kept from reaching the log, with their original ids and data.
 
         Nothing newer can exist for their entities: a later event with the same key would have been
         produced after them on the same partition."""
         sent = []
-        for parent, raw in partial.items():
-            batch = json.loads(raw)
-            events = [Event(e["action"], e["data"]) for e in batch["events"]]
+        for parent, batch in partial.items():
+            events: list[Event] = batch["events"]
+            timestamp: str = batch["timestamp"] or _now()
+            raw = self._batch_header(batch["user"], events, timestamp)
             missing = [i for i in range(len(events))
                        if event_id(parent, i, processor=self.name) not in seen]
             log.warning("%s: command %s was half-produced; producing its events %s again",
                         self.name, parent, missing)
-            sent += await self._send(producer, self._stage(parent, batch.get("user"), events, missing, raw))
+            staged = self._stage(parent, batch["user"], events, missing, raw, timestamp)
+            sent += await self._send(producer, staged)
             self.status.recovered += len(missing)
         await asyncio.gather(*(f for f, _ in sent))
         for _, event in sent:
@@ -404,6 +426,8 @@ class Processor(Generic[S]):
             await kafka.stop()
 
     def _set_ready(self) -> None:
+        if not self.ready.is_set():
+            log.info("%s: handling commands from %s", self.name, self.commands_topic)
         self.status.ready = True
         self.ready.set()
 
@@ -452,8 +476,9 @@ class Processor(Generic[S]):
             for e in events:
                 if not isinstance(e, Event) or not isinstance(e.data, dict):
                     raise TypeError(f"a handler must return Event(action, data) objects, not {e!r}")
+            timestamp = _now()
             staged = self._stage(command.id, command.user, events, range(len(events)),
-                                 self._batch_header(command.user, events))
+                                 self._batch_header(command.user, events, timestamp), timestamp)
         except Exception:
             # One bad command must not stop the processor; it is logged and its offset committed.
             self.status.failed += 1
@@ -470,22 +495,23 @@ class Processor(Generic[S]):
 
     # ------------------------------------------------------------------------------- produce
     @staticmethod
-    def _batch_header(user: str | None, events: list[Event]) -> bytes | None:
+    def _batch_header(user: str | None, events: list[Event], timestamp: str) -> bytes | None:
         if len(events) < 2:
             return None
-        batch = {"user": user, "events": [{"action": e.action, "data": e.data} for e in events]}
+        batch = {"user": user, "timestamp": timestamp,
+                 "events": [{"action": e.action, "data": e.data} for e in events]}
         return json.dumps(batch, separators=(",", ":")).encode()
 
     def _stage(
         self, parent: str, user: str | None, events: list[Event], indexes: Iterable[int],
-        batch: bytes | None,
+        batch: bytes | None, timestamp: str | None,
     ) -> list[tuple[bytes, bytes, list[tuple[str, bytes]], Event]]:
         """Key, value, headers and the full event of each of ``events[indexes]``.
 
         Everything is encoded before the first send, so a handler returning data that is not JSON
         fails before anything of its command reaches the log."""
         headers = [] if batch is None else [(BATCH_HEADER, batch)]
-        timestamp = _now()
+        timestamp = timestamp or _now()
         staged = []
         for i in indexes:
             e = events[i]

@@ -216,15 +216,22 @@ class Database:
         A query running longer than `timeout` seconds is interrupted; `limit` caps the rows
         returned (the result's schema metadata says `truncated` when rows were cut).
         """
+        from ledger import views  # views build on this module
+
         query, past = rewrite_time_travel(query, lambda t: min(self.pin.basis, self._ledger.resolve(t)))
         check_read_only(query)
         pin = self._with_valid(valid_at)
+        plan = views.plan(self._ledger, query, pin)  # None unless the query names a user view
+        text = query if plan is None else f"{query}\n{plan.text}"
+        past |= set() if plan is None else plan.past
         with self._ledger.snapshot() as (cur, files):
             for p, suffix in [(pin, ""), *((replace(pin, basis=t), suffix_for(t)) for t in sorted(past))]:
-                wanted = needed_relations(query, suffix)
+                wanted = needed_relations(text, suffix)
                 for name, body in relation_views(p, files, suffix).items():
                     if name in wanted:
                         cur.execute(f"CREATE TEMP VIEW {name} AS {body}")
+            if plan is not None:
+                plan.install(cur)
             timer = None if timeout is None else threading.Timer(timeout, cur.interrupt)
             if timer is not None:
                 timer.daemon = True
@@ -237,7 +244,7 @@ class Database:
             except duckdb.InterruptException as e:
                 raise InvalidQuery(f"query interrupted: it ran longer than the {timeout} s limit") from e
             except duckdb.Error as e:
-                raise InvalidQuery(str(e).strip()) from e
+                raise InvalidQuery((plan and plan.explain(str(e))) or str(e).strip()) from e
             finally:
                 if timer is not None:
                     timer.cancel()

@@ -1,0 +1,594 @@
+"""Views: named SQL over the ledger's relations (and other views), versioned in the ledger itself,
+usable from any query as of any tx, and optionally materialized as Parquet at a tx.
+
+A definition is an event the ledger appends to itself (`ledger.view-defined` / `ledger.view-dropped`,
+no Kafka provenance), so it is hash-chained and auditable like everything else; the definition of a
+view as of tx T is the latest such record with tx <= T. A materialization is a cache: deleting
+`views/` loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ledger.errors import InvalidQuery, InvalidViewName, LedgerError, UnknownView
+from ledger.storage.catalog import CATALOG_DDL, quote, union_sql
+from ledger.storage.segments import SEGMENTS_DIR
+from ledger.temporal import (
+    DEFAULT_TIMEOUT,
+    RELATIONS,
+    Database,
+    Pin,
+    TimePoint,
+    check_read_only,
+    rewrite_time_travel,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping
+
+    from ledger.ledger import Ledger
+
+DEFINED = "ledger.view-defined"
+DROPPED = "ledger.view-dropped"
+VIEWS_DIR = "views"
+STATUS_FILE = "status.json"
+NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# Names a view may not take: the relations, and the catalog's own tables.
+RESERVED = frozenset(RELATIONS) | {
+    re.match(r"CREATE TABLE IF NOT EXISTS (\w+)", ddl).group(1)  # type: ignore[union-attr]
+    for ddl in CATALOG_DDL
+}
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_AS_OF_VIEW = re.compile(r"(?P<name>[a-z_][a-z0-9_]*)__as_of_(?P<tx>\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class ViewVersion:
+    """One definition (or drop) of a view, as recorded at `tx`."""
+
+    name: str
+    sql: str
+    description: str
+    tx: int
+    tx_time: datetime
+    dropped: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sql": self.sql, "description": self.description,
+                "tx": self.tx, "tx_time": self.tx_time.isoformat()}
+
+
+def check_name(name: object) -> str:
+    """A valid view name, or InvalidViewName saying why not."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise InvalidViewName(
+            f"view name {name!r} must match ^[a-z_][a-z0-9_]{{0,62}}$ (lower case, digits, underscores)"
+        )
+    if name in RESERVED or name.startswith("tail_") or "__as_of_" in name or name.startswith("_mv_"):
+        raise InvalidViewName(f"view name {name!r} would shadow a relation or an internal table")
+    return name
+
+
+# ------------------------------------------------------------------------------ the catalog
+class _Catalog:
+    """Every view definition ever recorded, loaded incrementally as the head moves."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.loaded_tx = 0
+        self.versions: dict[str, list[ViewVersion]] = {}
+
+    def refresh(self, lg: Ledger) -> None:
+        head = lg.head.tx
+        if head <= self.loaded_tx:
+            return
+        with self.lock:
+            lo = self.loaded_tx
+            if head <= lo:
+                return
+            # Only records the ledger wrote itself (no Kafka provenance) define views: a producer
+            # on the events topic cannot.
+            where = (f"tx > {lo} AND tx <= {head} AND kind = 'event' AND kafka_topic IS NULL "
+                     f"AND action IN ({quote(DEFINED)}, {quote(DROPPED)})")
+            with lg.snapshot() as (cur, _):
+                # Only the segments that can hold newer txs: usually none, and the tail is small.
+                dirs = cur.execute(f"SELECT dir FROM segments WHERE last_tx > {lo} ORDER BY first_tx").fetchall()
+                files = [str(lg.root / SEGMENTS_DIR / d / "records.parquet") for (d,) in dirs]
+                rows = cur.execute(
+                    f"SELECT tx, tx_time, action, data FROM ({union_sql('records', files, where)}) "
+                    "ORDER BY tx, seq"
+                ).fetchall()
+            for tx, tx_time, action, data in rows:
+                version = _version(tx, tx_time.astimezone(UTC), action, json.loads(data))
+                if version is not None:
+                    self.versions.setdefault(version.name, []).append(version)
+            self.loaded_tx = head
+
+    def at(self, tx: int) -> dict[str, ViewVersion]:
+        """The views defined as of tx."""
+        out = {}
+        for name, versions in self.versions.items():
+            current = None
+            for v in versions:
+                if v.tx > tx:
+                    break
+                current = v
+            if current is not None and not current.dropped:
+                out[name] = current
+        return out
+
+
+def _version(tx: int, tx_time: datetime, action: str, data: Any) -> ViewVersion | None:
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not NAME.fullmatch(data["name"]):
+        return None  # kept in the log for the audit, but it defines nothing
+    if action == DROPPED:
+        return ViewVersion(data["name"], "", "", tx, tx_time, dropped=True)
+    if not isinstance(data.get("sql"), str):
+        return None
+    return ViewVersion(data["name"], data["sql"], str(data.get("description") or ""), tx, tx_time)
+
+
+_catalogs: weakref.WeakKeyDictionary[Ledger, _Catalog] = weakref.WeakKeyDictionary()
+_catalogs_lock = threading.Lock()
+
+
+def _catalog(lg: Ledger) -> _Catalog:
+    with _catalogs_lock:
+        cat = _catalogs.get(lg)
+        if cat is None:
+            cat = _catalogs[lg] = _Catalog()
+    cat.refresh(lg)
+    return cat
+
+
+def definitions(lg: Ledger, *, as_of: TimePoint | None = None) -> dict[str, ViewVersion]:
+    """The views defined as of a tx or instant (default: the latest tx), by name."""
+    tx = lg.head.tx if as_of is None else lg.as_of(as_of).basis_tx
+    return _catalog(lg).at(tx)
+
+
+def definition(lg: Ledger, name: str, *, as_of: TimePoint | None = None) -> ViewVersion:
+    defs = definitions(lg, as_of=as_of)
+    if name not in defs:
+        when = "" if as_of is None else f" as of {as_of}"
+        raise UnknownView(f"no view named {name!r}{when}")
+    return defs[name]
+
+
+def history(lg: Ledger, name: str) -> list[ViewVersion]:
+    """Every definition and drop of a view, oldest first."""
+    return list(_catalog(lg).versions.get(name, []))
+
+
+# Definitions a read should use instead of those as of its basis tx (definition=current, dry runs,
+# rebuilds). When set, materializations are not used: they belong to the as-of definitions.
+_OVERRIDE: ContextVar[Mapping[str, ViewVersion] | None] = ContextVar("view_override", default=None)
+
+
+@contextlib.contextmanager
+def _using(defs: Mapping[str, ViewVersion]) -> Iterator[None]:
+    token = _OVERRIDE.set(defs)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+# ----------------------------------------------------------------------------- query plans
+def _idents(sql: str) -> set[str]:
+    return {m.lower() for m in _IDENT.findall(sql)}
+
+
+@dataclass
+class Plan:
+    """The user views one query needs, as temp views to create in dependency order."""
+
+    ledger: Ledger
+    pin: Pin
+    order: list[tuple[str, str, ViewVersion]]  # (name, rewritten body, version)
+    pinned: dict[str, tuple[str, int]]  # `v__as_of_t` identifiers -> (view, tx)
+    past: set[int]
+    materialize: bool
+    broken: dict[str, str]
+
+    @property
+    def text(self) -> str:
+        """The view bodies, so the caller binds the relations they mention."""
+        return "\n".join(body for _, body, _ in self.order)
+
+    def install(self, cur: duckdb.DuckDBPyConnection) -> None:
+        for ident, (name, tx) in self.pinned.items():
+            db = Database(self.ledger, replace(self.pin, basis=tx, since=None))
+            try:
+                cur.register(ident, db.sql(f"SELECT * FROM {name}", timeout=None))
+            except LedgerError as e:
+                self.broken[ident] = f"view {name!r} as of tx {tx}: {e}"
+        for name, body, version in self.order:
+            source = self._materialized(cur, name, version) or body
+            try:
+                cur.execute(f"CREATE TEMP VIEW {name} AS {source}")
+            except duckdb.Error as e:
+                # Maybe the query only mentions the name as a column: fail only if it is used.
+                self.broken[name] = (
+                    f"view {name!r} (defined at tx {version.tx}) cannot be evaluated as of tx "
+                    f"{self.pin.basis}: {_first_line(str(e))}"
+                )
+
+    def _materialized(self, cur: duckdb.DuckDBPyConnection, name: str, version: ViewVersion) -> str | None:
+        pin = self.pin
+        if not self.materialize or pin.valid_at is not None or pin.since is not None:
+            return None
+        mat = _usable(self.ledger.root, name, version, pin.basis)
+        if mat is None:
+            return None
+        path, m, incremental = mat
+        source = f"SELECT * FROM read_parquet({quote(str(path))})"
+        if pin.basis == m:
+            return source
+        if not incremental:
+            return None
+        delta = Database(self.ledger, Pin(basis=pin.basis, since=m)).sql(version.sql, timeout=None)
+        cur.register(f"_mv_delta_{name}", delta)
+        return f"{source} UNION ALL BY NAME SELECT * FROM _mv_delta_{name}"
+
+    def explain(self, error: str) -> str | None:
+        """A clearer message when DuckDB's error is about a view that could not be created."""
+        for name, reason in self.broken.items():
+            if re.search(rf"\b{re.escape(name)}\b", error, re.IGNORECASE):
+                return reason
+        return None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def plan(lg: Ledger, query: str, pin: Pin) -> Plan | None:
+    """The views `query` may use as of pin.basis; None (at the cost of a regex and a set
+    intersection) when it mentions none."""
+    idents = _idents(query)
+    override = _OVERRIDE.get()
+    cat = _catalog(lg)
+    if override is None:
+        ever = cat.versions.keys()
+        pinned_names = {i for i in idents if "__as_of_" in i}
+        if not (idents & ever) and not pinned_names:
+            return None
+        defs: Mapping[str, ViewVersion] = cat.at(pin.basis)
+    else:
+        defs = override
+    pinned: dict[str, tuple[str, int]] = {}
+    for ident in idents:
+        m = _AS_OF_VIEW.fullmatch(ident)
+        if m and int(m.group("tx")) <= pin.basis and m.group("name") in cat.at(int(m.group("tx"))):
+            pinned[ident] = (m.group("name"), int(m.group("tx")))
+    order: list[tuple[str, str, ViewVersion]] = []
+    past: set[int] = set()
+    state: dict[str, str] = {}
+
+    def visit(name: str) -> None:
+        if name in state:
+            return  # done, or on the current path (a cycle: its creation will fail, clearly)
+        state[name] = "active"
+        version = defs[name]
+        body, txs = rewrite_time_travel(version.sql, lambda t: min(pin.basis, lg.resolve(t)))
+        past.update(txs)
+        for dep in sorted((_idents(body) & defs.keys()) - {name}):
+            visit(dep)
+        state[name] = "done"
+        order.append((name, body, version))
+
+    for name in sorted(idents & defs.keys()):
+        visit(name)
+    if not order and not pinned:
+        return None
+    return Plan(lg, pin, order, pinned, past, materialize=override is None, broken={})
+
+
+# ----------------------------------------------------------------------------- define, drop
+def define_view(lg: Ledger, name: str, sql: str, description: str = "") -> tuple[ViewVersion, bool]:
+    """Record a (new version of a) view after a dry run; returns it and whether it is new."""
+    check_name(name)
+    if not isinstance(sql, str) or not sql.strip():
+        raise InvalidQuery("a view needs a non-empty 'sql'")
+    if not isinstance(description, str):
+        raise InvalidQuery("a view's 'description' must be a string")
+    sql = sql.strip().rstrip(";").strip()
+    check_read_only(sql)
+    if duckdb.extract_statements(sql)[0].type != duckdb.StatementType.SELECT:
+        raise InvalidQuery("a view must be a SELECT")
+    current = definitions(lg)
+    candidate = ViewVersion(name, sql, description, lg.head.tx + 1, datetime.now(UTC))
+    with _using({**current, name: candidate}):
+        lg.db().sql(f"SELECT * FROM ({sql}) LIMIT 0", timeout=DEFAULT_TIMEOUT)
+    lg.append([{"kind": "event", "action": DEFINED,
+                "data": {"name": name, "sql": sql, "description": description}}],
+              meta={"view": name})
+    return definition(lg, name), name not in current
+
+
+def drop_view(lg: Ledger, name: str) -> ViewVersion:
+    """Record that a view is gone (its past definitions stay in the log); returns the last one."""
+    last = definition(lg, name)
+    lg.append([{"kind": "event", "action": DROPPED, "data": {"name": name}}], meta={"view": name})
+    shutil.rmtree(lg.root / VIEWS_DIR / name, ignore_errors=True)  # a cache of a view now gone
+    return last
+
+
+# ------------------------------------------------------------------------------------ reads
+def rows(
+    lg: Ledger, name: str, *, as_of: TimePoint | None = None, valid_at: datetime | str | None = None,
+    definition: str = "as_of", limit: int | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+) -> pa.Table:
+    """The view's rows as of a tx (and valid at an instant), with the definition current at that
+    tx (`definition="as_of"`) or today's definition over past data (`"current"`)."""
+    db = lg.db() if as_of is None else lg.as_of(as_of)
+    if not NAME.fullmatch(name):
+        raise UnknownView(f"no view named {name!r}")
+    query = f"SELECT * FROM {name}"
+    if definition == "current":
+        defs = definitions(lg)
+        if name not in defs:
+            raise UnknownView(f"no view named {name!r}")
+        with _using(defs):
+            return db.sql(query, valid_at=valid_at, limit=limit, timeout=timeout)
+    if definition != "as_of":
+        raise InvalidQuery(f"definition must be 'as_of' or 'current', got {definition!r}")
+    if name not in _catalog(lg).at(db.basis_tx):
+        raise UnknownView(f"no view named {name!r} as of tx {db.basis_tx}")
+    return db.sql(query, valid_at=valid_at, limit=limit, timeout=timeout)
+
+
+def changes(
+    lg: Ledger, name: str, *, since: TimePoint, until: TimePoint | None = None,
+    definition: str = "as_of",
+) -> tuple[pa.Table, pa.Table]:
+    """(added, removed): rows of the view at `until` not at `since`, and the reverse (as
+    multisets). A view that did not exist at `since` had no rows then."""
+    after = rows(lg, name, as_of=until, definition=definition, timeout=None)
+    try:
+        before = rows(lg, name, as_of=since, definition=definition, timeout=None)
+    except UnknownView:
+        before = after.slice(0, 0)
+    if before.column_names != after.column_names:
+        raise InvalidQuery(
+            f"view {name!r} has columns {before.column_names} at {since} but {after.column_names} "
+            "later; compare with definition=current"
+        )
+    con = duckdb.connect()
+    try:
+        con.register("before_rows", before)
+        con.register("after_rows", after)
+        added = con.sql("SELECT * FROM after_rows EXCEPT ALL SELECT * FROM before_rows").to_arrow_table()
+        removed = con.sql("SELECT * FROM before_rows EXCEPT ALL SELECT * FROM after_rows").to_arrow_table()
+    except duckdb.Error as e:
+        raise InvalidQuery(str(e).strip()) from e
+    finally:
+        con.close()
+    return added, removed
+
+
+# -------------------------------------------------------------------------- materialization
+_AGGREGATES = frozenset(
+    r[0] for r in duckdb.connect().execute(
+        "SELECT DISTINCT lower(function_name) FROM duckdb_functions() WHERE function_type = 'aggregate'"
+    ).fetchall()
+)
+_NOT_A_FILTER = frozenset({
+    "group", "having", "distinct", "join", "limit", "offset", "union", "except", "intersect",
+    "qualify", "over", "window", "with", "recursive", "pivot", "unpivot", "sample", "using",
+    "lateral", "tablesample", "for", "system_time", "select", "from", "exists", "in", "any", "all",
+    "now", "current_timestamp", "current_date", "current_time", "get_current_timestamp", "today",
+    "transaction_timestamp", "random", "uuid", "gen_random_uuid", "nextval", "currval", "setseed",
+    "localtimestamp", "localtime", "current_setting", "row_number", "rowid",
+})
+_FILTER = re.compile(
+    r"\s*select\s+(?P<proj>.+?)\s+from\s+(?:log|commands|events)(?:\s+(?:as\s+)?[a-z_][a-z0-9_]*)?"
+    r"(?:\s+where\s+(?P<cond>.+?))?\s*",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def incremental(sql: str) -> bool:
+    """True when the SQL is a pure filter/projection over one of log, commands, events: its rows
+    as of T are then its rows as of M plus its rows over the records with M < tx <= T.
+
+    Conservative: anything that might aggregate, join, look at other rows, or depend on the
+    clock counts as not incremental."""
+    m = _FILTER.fullmatch(sql)
+    if m is None:
+        return False
+    try:
+        if not duckdb.get_table_names(sql) <= {"log", "commands", "events"}:
+            return False
+    except duckdb.Error:
+        return False
+    words = _idents(m.group("proj") + " " + (m.group("cond") or ""))
+    return not (words & _NOT_A_FILTER or words & _AGGREGATES)
+
+
+def _dir(root: Path, name: str) -> Path:
+    return root / VIEWS_DIR / name
+
+
+def read_status(root: Path, name: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads((_dir(root, name) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temp name, fsync, rename, fsync the directory: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        write(tmp)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_status(root: Path, name: str, status: dict[str, Any]) -> None:
+    _write_atomic(_dir(root, name) / STATUS_FILE,
+                  lambda p: p.write_text(json.dumps(status, indent=1, sort_keys=True)))
+
+
+def _usable(root: Path, name: str, version: ViewVersion, basis: int) -> tuple[Path, int, bool] | None:
+    """The materialization of this definition usable at `basis`: (file, its tx, incremental)."""
+    status = read_status(root, name)
+    if not status or status.get("file") is None or status.get("definition_tx") != version.tx:
+        return None
+    m = int(status["tx"])
+    path = _dir(root, name) / str(status["file"])
+    if basis < m or not path.exists():
+        return None
+    return path, m, bool(status.get("incremental"))
+
+
+_building: set[tuple[str, str]] = set()
+_building_lock = threading.Lock()
+
+
+def building(lg: Ledger, name: str) -> bool:
+    """Whether this process is rebuilding the view now."""
+    with _building_lock:
+        return (str(lg.root), name) in _building
+
+
+def start_rebuild(lg: Ledger, name: str) -> bool:
+    """Claim the rebuild of a view in this process; False if one is already running."""
+    definition(lg, name)
+    key = (str(lg.root), name)
+    with _building_lock:
+        if key in _building:
+            return False
+        _building.add(key)
+    _write_status(lg.root, name, {**(read_status(lg.root, name) or {}), "state": "building",
+                                  "progress": 0.0, "started": _now(), "finished": None, "error": None})
+    return True
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def rebuild(
+    lg: Ledger, name: str, *, on_progress: Callable[[float, str], None] | None = None,
+    claimed: bool = False,
+) -> dict[str, Any]:
+    """Evaluate the view over the full log at the head tx M and store it as
+    views/<name>/<M>.parquet (zstd) with a status file; returns the status.
+
+    `claimed`: the caller already called start_rebuild (the API does, to answer 202 at once).
+    """
+    if not claimed and not start_rebuild(lg, name):
+        raise LedgerError(f"view {name!r} is already being rebuilt")
+    root = lg.root
+    previous = read_status(root, name) or {}
+    started = time.monotonic()
+
+    def progress(fraction: float, message: str) -> None:
+        _write_status(root, name, {**previous, "state": "building", "progress": round(fraction, 3),
+                                   "message": message})
+        if on_progress is not None:
+            on_progress(fraction, message)
+
+    try:
+        m = lg.head.tx
+        defs = definitions(lg, as_of=m)
+        if name not in defs:
+            raise UnknownView(f"no view named {name!r}")
+        version = defs[name]
+        progress(0.05, f"evaluating {name} over the log as of tx {m}")
+        with _using(defs):  # from the log itself, not from any materialization
+            table = lg.as_of(m).sql(f"SELECT * FROM {name}", timeout=None)
+        progress(0.8, f"writing {table.num_rows} rows")
+        file = f"{m}.parquet"
+        _write_atomic(_dir(root, name) / file,
+                      lambda p: pq.write_table(table, p, compression="zstd"))
+        status = {
+            **previous, "name": name, "state": "ready", "tx": m, "definition_tx": version.tx,
+            "file": file, "rows": table.num_rows, "incremental": incremental(version.sql),
+            "seconds": round(time.monotonic() - started, 3), "finished": _now(), "progress": 1.0,
+            "message": None, "error": None,
+        }
+        _write_status(root, name, status)
+        for old in _dir(root, name).glob("*.parquet"):
+            if old.name != file:
+                old.unlink(missing_ok=True)  # readers holding it open keep reading (POSIX)
+        if on_progress is not None:
+            on_progress(1.0, "done")
+        return status
+    except BaseException as e:
+        failed = {**previous, "state": "failed", "error": f"{type(e).__name__}: {e}",
+                  "finished": _now(), "seconds": round(time.monotonic() - started, 3)}
+        with contextlib.suppress(OSError):
+            _write_status(root, name, failed)
+        raise
+    finally:
+        with _building_lock:
+            _building.discard((str(root), name))
+
+
+def status(lg: Ledger, name: str) -> dict[str, Any]:
+    """The view's materialization: state none|building|ready|stale|failed, tx, rows, progress..."""
+    version = definition(lg, name)
+    st = read_status(lg.root, name) or {}
+    state = st.get("state", "none")
+    if state == "building" and not building(lg, name) and _stale_claim(st):
+        state = "failed"  # the process that was building it went away
+    out: dict[str, Any] = {
+        "state": state, "tx": st.get("tx"), "rows": st.get("rows"), "progress": st.get("progress"),
+        "seconds": st.get("seconds"), "started": st.get("started"), "finished": st.get("finished"),
+        "incremental": st.get("incremental"), "error": st.get("error"), "message": st.get("message"),
+    }
+    if st.get("definition_tx") is not None and st.get("definition_tx") != version.tx:
+        out["state"] = "stale" if state == "ready" else state
+        out["note"] = "the view was redefined after this materialization; rebuild it"
+    elif state == "ready" and not st.get("incremental") and lg.head.tx > int(st["tx"]):
+        out["state"] = "stale"
+    return out
+
+
+def _stale_claim(st: Mapping[str, Any]) -> bool:
+    started = st.get("started")
+    if not isinstance(started, str):
+        return True
+    try:
+        age = (datetime.now(UTC) - datetime.fromisoformat(started)).total_seconds()
+    except ValueError:
+        return True
+    return age > 24 * 3600
+
+
+def describe(lg: Ledger, name: str) -> dict[str, Any]:
+    """Definition, version and materialization status of one view (what GET /views/{name} says)."""
+    version = definition(lg, name)
+    versions = [v for v in history(lg, name) if not v.dropped]
+    return {**version.as_dict(), "versions": len(versions), "materialization": status(lg, name)}

@@ -1,0 +1,281 @@
+"""The Kafka consumer in-process against a real broker: bad input goes to quarantine (and ingestion
+goes on), a broker that lost its topics (offsets went backwards) starts a new generation whose
+records are all ingested, a rebalance in the middle of an append loses and duplicates nothing, and
+lag is reported per partition."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from ledger import Ledger
+from ledger.broker import Broker, create_topics_async
+from ledger.consumer import ID_NAMESPACE, Consumer
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+    from pathlib import Path
+
+# Tansu delays a group join by half the session timeout; 10 s by default.
+FAST = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
+
+
+async def produce(
+    bootstrap: str, topic: str, values: Sequence[bytes | None], *, partition: int | None = 0,
+    keys: Sequence[bytes | None] | None = None, headers: list[tuple[str, bytes]] | None = None,
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, max_batch_size=256 * 1024)
+    await producer.start()
+    try:
+        futures = []
+        for i, value in enumerate(values):
+            p = partition if partition is not None else i % 3
+            key = keys[i] if keys is not None else f"key-{i}".encode()
+            futures.append(await producer.send(topic, value, key=key, partition=p, headers=headers))
+        for fut in futures:
+            await fut
+    finally:
+        await producer.stop()
+
+
+def env(action: str = "deposit", **fields: Any) -> bytes:
+    return json.dumps({"action": action, "data": fields.pop("data", {"n": 1}), **fields}).encode()
+
+
+async def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def count(lg: Ledger, where: str = "true") -> int:
+    return int(lg.sql(f"SELECT count(*) AS n FROM log WHERE {where}").to_pylist()[0]["n"])
+
+
+@contextlib.asynccontextmanager
+async def running(consumer: Consumer) -> AsyncIterator[Consumer]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        await eventually(lambda: consumer.assigned_event.is_set() or task.done(), 30, "an assignment")
+        if task.done():
+            task.result()
+        yield consumer
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    with Ledger.open(tmp_path / "ledger") as lg:
+        yield lg
+
+
+# ------------------------------------------------------------------------------------ bad input
+BAD = {
+    # name: (raw value, the start of the reason)
+    "invalid utf-8": (b'{"action": "deposit", "data": {"n": "\xff\xfe"}}', "value is not valid UTF-8"),
+    "not json": (b"deposit 10 to acct-1", "value is not JSON"),
+    "json array": (b'[{"action": "deposit"}]', "value is a JSON list, not an object"),
+    "json string": (b'"deposit"', "value is a JSON str, not an object"),
+    "missing action": (b'{"data": {"n": 1}}', "field 'action' is missing"),
+    "non-string action": (b'{"action": 7, "data": {"n": 1}}', "field 'action' must be a non-empty string"),
+    "empty action": (b'{"action": "", "data": {"n": 1}}', "field 'action' must be a non-empty string"),
+    "data not an object": (b'{"action": "deposit", "data": [1, 2]}', "field 'data' must be a JSON object"),
+    "missing data": (b'{"action": "deposit"}', "field 'data' must be a JSON object"),
+    "oversized": (env(data={"blob": "x" * 5000}), "value is 50"),
+    "tombstone": (None, "message has no value (a tombstone)"),
+    "invalid id": (env(id="not-a-uuid"), "field 'id': 'not-a-uuid' is not a UUID"),
+    "id not a string": (env(id=12), "field 'id': must be a UUID"),
+    "naive timestamp": (env(timestamp="2024-01-01T00:00:00"), "field 'timestamp':"),
+    "NaN in data": (b'{"action": "deposit", "data": {"n": NaN}}', "field 'data': data.n is nan"),
+    "lone surrogate": (b'{"action": "deposit", "data": {"n": "\\ud800"}}', "field 'data':"),
+}
+
+
+async def test_bad_input_is_quarantined_with_provenance_and_ingestion_goes_on(
+    broker: Broker, ledger: Ledger
+) -> None:
+    topic = "bad-input"
+    await create_topics_async(broker.bootstrap, {topic: 1})
+    # good, bad, good, bad, ...: one fetch, so one batch (checked below via the tx numbers).
+    values: list[bytes | None] = []
+    expected: dict[int, tuple[str, bytes | None, str]] = {}  # offset -> (name, value, reason)
+    for i, (name, (value, reason)) in enumerate(BAD.items()):
+        values.append(env(data={"good": i}))
+        expected[len(values)] = (name, value, reason)
+        values.append(value)
+    values.append(env(data={"good": len(BAD)}))
+    keys = [None if i == 1 else f"key-{i}".encode() for i in range(len(values))]
+    await produce(broker.bootstrap, topic, values, keys=keys, headers=[("source", b"test")])
+
+    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="bad", topics=(topic,),
+                        kinds={topic: "command"}, max_value_bytes=4096, kafka_options=FAST)
+    async with running(consumer):
+        await eventually(lambda: consumer.status.records + consumer.status.quarantined >= len(values),
+                         30, "the batch")
+        rows = {r["kafka_offset"]: r for r in ledger.sql(
+            "SELECT * FROM quarantine ORDER BY kafka_offset").to_pylist()}
+        assert set(rows) == set(expected)
+        for offset, (name, value, reason) in expected.items():
+            row = rows[offset]
+            assert row["reason"].startswith(reason), (name, row["reason"])
+            assert row["value"] == value, name  # the raw bytes, as produced
+            assert row["key"] == (None if offset == 1 else f"key-{offset}".encode()), name
+            assert (row["kafka_topic"], row["kafka_partition"]) == (topic, 0), name
+            assert json.loads(row["headers"]) == [["source", "test"]], name
+            assert row["kafka_timestamp"] is not None, name
+        good = ledger.sql("SELECT kafka_offset, data, kind, tx FROM log ORDER BY kafka_offset").to_pylist()
+        assert [r["kafka_offset"] for r in good] == [o for o in range(len(values)) if o not in expected]
+        assert [json.loads(r["data"])["good"] for r in good] == list(range(len(BAD) + 1))
+        assert {r["kind"] for r in good} == {"command"}
+        # Quarantine and good records of the batch commit together, and the offsets cover both.
+        txs = {r["tx"] for r in good} | {r["tx"] for r in rows.values()}
+        assert len(txs) == 1, txs
+        assert ledger.offsets("bad")[(topic, 0)].next_offset == len(values)
+        assert consumer.status.quarantined == len(BAD)
+
+        # Ingestion goes on after bad input.
+        await produce(broker.bootstrap, topic, [b"\x00garbage", env(data={"good": "after"})])
+        await eventually(lambda: count(ledger) == len(BAD) + 2, 20, "the record after the bad ones")
+        assert consumer.status.quarantined == len(BAD) + 1
+    assert ledger.verify().ok
+
+
+def test_decode_keeps_the_envelope_and_kafka_provenance() -> None:
+    from aiokafka.structs import ConsumerRecord
+
+    from ledger.consumer import decode
+
+    rid = str(uuid.uuid4())
+    value = json.dumps({"id": rid, "action": "open", "data": {"id": "acct-1"}, "parent": "p-1",
+                        "timestamp": "2024-05-01T12:00:00+02:00", "user": "ann", "system": "web",
+                        "extra": "ignored"}).encode()
+    msg = ConsumerRecord("events", 2, 41, 1_700_000_000_123, 0, b"acct-1", value, None, len(b"acct-1"),
+                         len(value), [("trace", b"abc")])
+    rec = decode(msg, kind=None, generation=0, max_value_bytes=1 << 20)
+    assert isinstance(rec, dict)
+    assert rec["id"] == rid and rec["kind"] == "event" and rec["parent"] == "p-1"
+    assert rec["timestamp"] == "2024-05-01T12:00:00+02:00"
+    assert (rec["topic"], rec["partition"], rec["offset"], rec["key"]) == ("events", 2, 41, "acct-1")
+    assert rec["headers"] == (("trace", "abc"), ("user", "ann"), ("system", "web"))
+    assert rec["kafka_timestamp"].timestamp() == 1_700_000_000.123
+    # No envelope id: derived from topic/partition/generation/offset, so a redelivery is recognised
+    # and a recreated topic's record at the same offset is not.
+    bare = ConsumerRecord("events", 2, 41, 0, 0, None, env(), None, 0, 0, [])
+    a = decode(bare, kind="command", generation=0, max_value_bytes=1 << 20)
+    b = decode(bare, kind="command", generation=1, max_value_bytes=1 << 20)
+    assert isinstance(a, dict) and isinstance(b, dict)
+    assert a["id"] == str(uuid.uuid5(ID_NAMESPACE, "events/2/0/41")) != b["id"]
+    assert a["kind"] == "command"
+
+
+# -------------------------------------------------------------------------------- broker restart
+@pytest.fixture
+async def private_broker() -> AsyncIterator[Broker]:
+    """A broker of this test's own, to kill and restart."""
+    b = await asyncio.to_thread(Broker().start)
+    try:
+        yield b
+    finally:
+        await asyncio.to_thread(b.stop)
+
+
+async def restart_empty(broker: Broker, topic: str, partitions: int) -> None:
+    """SIGKILL the broker and start it again on the same port: memory storage, so every topic is
+    gone; recreate ours (a consumer's metadata request may have auto-created it first)."""
+    await asyncio.to_thread(broker.kill)
+    await asyncio.to_thread(broker.restart)
+    await create_topics_async(broker.bootstrap, {topic: partitions})
+
+
+def generations(lg: Ledger, topic: str) -> dict[str, list[int]]:
+    """phase -> offsets, in (tx, seq) order."""
+    return {r["phase"]: r["offsets"] for r in lg.sql(
+        "SELECT data->>'phase' AS phase, list(kafka_offset ORDER BY tx, seq) AS offsets FROM log "
+        "WHERE kafka_topic = $t GROUP BY ALL", params={"t": topic}).to_pylist()}
+
+
+def phase(name: str, n: int) -> list[bytes]:
+    """n envelopes without ids: their ids are derived from the offset (and the generation)."""
+    return [env(data={"phase": name, "i": i}) for i in range(n)]
+
+
+async def test_broker_restart_while_consuming_starts_a_new_generation(
+    private_broker: Broker, ledger: Ledger
+) -> None:
+    """The broker dies and comes back empty while the consumer runs; the new records reuse offsets
+    0.. and carry no ids, so only a new generation keeps them apart from the old ones."""
+    topic, bs = "restart-live", private_broker.bootstrap
+    await create_topics_async(bs, {topic: 1})
+    await produce(bs, topic, phase("before", 30))
+    consumer = Consumer(ledger, bootstrap=bs, group="live", topics=(topic,), kafka_options=FAST)
+    async with running(consumer):
+        await eventually(lambda: count(ledger) == 30, 20, "the first records")
+        await restart_empty(private_broker, topic, 1)
+        await produce(bs, topic, phase("after", 12))  # fewer than before: offsets went back
+        await eventually(lambda: count(ledger) == 42, 40, "the records after the restart")
+        await produce(bs, topic, phase("later", 25))  # past the old offset 30, same generation
+        await eventually(lambda: count(ledger) == 67, 20, "more records")
+    assert generations(ledger, topic) == {
+        "before": list(range(30)), "after": list(range(12)), "later": list(range(12, 37))}
+    ids = ledger.sql("SELECT data->>'phase' AS phase, kafka_offset AS o, id FROM log").to_pylist()
+    assert len({r["id"] for r in ids}) == 67
+    for r in ids:
+        gen = 0 if r["phase"] == "before" else 1
+        assert r["id"] == str(uuid.uuid5(ID_NAMESPACE, f"{topic}/0/{gen}/{r['o']}")), r
+    assert ledger.offsets("live")[(topic, 0)].generation == 1
+    assert consumer.status.generations_started == 1
+    assert ledger.verify().ok
+
+
+async def test_broker_restart_with_more_new_records_than_the_old_offset(
+    private_broker: Broker, ledger: Ledger
+) -> None:
+    """While the consumer is away, the broker restarts empty and gets more new records than the
+    ledger's stored offset: offsets did not go backwards, only the stored digest of the last
+    message tells the new log from the old one."""
+    topic, bs = "restart-digest", private_broker.bootstrap
+    await create_topics_async(bs, {topic: 1})
+    await produce(bs, topic, phase("before", 20))
+    consumer = Consumer(ledger, bootstrap=bs, group="digest", topics=(topic,), kafka_options=FAST)
+    async with running(consumer):
+        await eventually(lambda: count(ledger) == 20, 20, "the first records")
+    await restart_empty(private_broker, topic, 1)
+    await produce(bs, topic, phase("after", 50))
+    consumer = Consumer(ledger, bootstrap=bs, group="digest", topics=(topic,), kafka_options=FAST)
+    async with running(consumer):
+        await eventually(lambda: count(ledger) == 70, 30, "the new generation")
+        await asyncio.sleep(0.3)
+    assert generations(ledger, topic) == {"before": list(range(20)), "after": list(range(50))}
+    assert ledger.offsets("digest")[(topic, 0)].generation == 1
+    assert ledger.verify().ok
+
+
+async def test_broker_restart_while_consuming_with_more_new_records_than_the_old_offset(
+    private_broker: Broker, ledger: Ledger
+) -> None:
+    """As above, but the consumer stays up: the new records are produced right after the restart,
+    so the consumer's first fetch after reconnecting may find offset 20 full of new records."""
+    topic, bs = "restart-digest-live", private_broker.bootstrap
+    await create_topics_async(bs, {topic: 1})
+    await produce(bs, topic, phase("before", 20))
+    consumer = Consumer(ledger, bootstrap=bs, group="digest-live", topics=(topic,), kafka_options=FAST)
+    async with running(consumer):
+        await eventually(lambda: count(ledger) == 20, 20, "the first records")
+        await restart_empty(private_broker, topic, 1)
+        await produce(bs, topic, phase("after", 50))
+        await eventually(lambda: count(ledger) >= 70, 30, "the new generation")
+        await asyncio.sleep(0.5)
+    assert generations(ledger, topic) == {"before": list(range(20)), "after": list(range(50))}
+    assert ledger.verify().ok

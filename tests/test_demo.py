@@ -1,0 +1,125 @@
+"""The whole service with the bank processor (`ledger serve --demo`): synchronous commands under
+concurrency, and a restart mid-load that loses and duplicates nothing."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.test_api import Server, wait_for, wait_for_or_none
+
+ACCOUNTS = [f"acct-{i}" for i in range(10)]
+START = 1_000_000  # large enough that no transfer below is rejected: balances are order-free
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    srv = Server(tmp_path_factory.mktemp("demo") / "data", "--demo").start()
+    yield srv
+    srv.stop()
+
+
+def sync(client: httpx.Client, action: str, data: dict[str, Any]) -> httpx.Response:
+    body = {"action": action, "data": data}
+    return client.post("/commands", params={"sync": "true", "timeout": 20}, json=body)
+
+
+def test_sync_transfers_from_concurrent_clients(bank: Server) -> None:
+    with httpx.Client(base_url=bank.url, timeout=30) as client:
+        for acct in ACCOUNTS:
+            assert sync(client, "open-account", {"account": acct, "owner": acct.upper()}).status_code == 201
+            assert sync(client, "deposit", {"account": acct, "amount": START}).status_code == 201
+        rejected = sync(client, "withdraw", {"account": "acct-0", "amount": 10 * START})
+        assert rejected.status_code == 201  # a rejection is an answer too
+
+    rng = random.Random(7)
+    transfers = []
+    for _ in range(1000):
+        a, b = rng.sample(ACCOUNTS, 2)
+        transfers.append({"from_account": a, "to_account": b, "amount": rng.randint(1, 500)})
+
+    def send(chunk: list[dict[str, Any]]) -> list[httpx.Response]:
+        with httpx.Client(base_url=bank.url, timeout=30) as client:
+            return [sync(client, "transfer-money", t) for t in chunk]
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = [r for rs in pool.map(send, [transfers[i::20] for i in range(20)]) for r in rs]
+
+    assert [r.status_code for r in responses] == [201] * len(transfers)
+    ids = [r.json()["id"] for r in responses]
+    assert all(r.json()["children"] for r in responses)
+    q = httpx.post(bank.url + "/query", timeout=30, json={
+        "sql": "SELECT parent, list(action ORDER BY action) AS actions FROM events "
+               "WHERE parent IN (SELECT unnest($ids::VARCHAR[])) GROUP BY parent",
+        "params": {"ids": ids},
+    }).json()
+    by_parent = {row[0]: row[1] for row in q["rows"]}
+    want = ["account-credited", "account-debited", "money-transferred"]
+    assert all(by_parent[i] == want for i in ids), "each transfer has its three events"
+    # the first child each response named is one of those events
+    firsts = {r.json()["children"][0] for r in responses}
+    q = httpx.post(bank.url + "/query", timeout=30, json={
+        "sql": "SELECT count(*) FROM events WHERE id IN (SELECT unnest($ids::VARCHAR[])) "
+               "AND parent IS NOT NULL", "params": {"ids": list(firsts)},
+    }).json()
+    assert q["rows"][0][0] == len(firsts)
+
+    expected = dict.fromkeys(ACCOUNTS, START)
+    for t in transfers:
+        expected[t["from_account"]] -= t["amount"]
+        expected[t["to_account"]] += t["amount"]
+
+    def balances() -> dict[str, int]:
+        return {a: httpx.get(f"{bank.url}/entities/{a}").json()["state"]["balance"] for a in ACCOUNTS}
+
+    assert wait_for(lambda: balances() == expected and expected, timeout=30)
+
+
+def test_restart_mid_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    srv = Server(tmp_path / "data").start()
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                r = httpx.post(srv.url + "/commands", json={"action": "ping", "data": {"i": i}}, timeout=5)
+            except httpx.HTTPError:
+                time.sleep(0.05)  # the service is restarting
+                continue
+            if r.status_code == 202:
+                accepted.append(r.json()["id"])
+            i += 1
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        wait_for(lambda: len(accepted) > 100, timeout=30)
+        srv.stop()  # graceful: the consumer drains what was accepted before the broker stops
+        before = len(accepted)
+        srv.start()  # same data dir, a fresh in-memory broker
+        wait_for(lambda: len(accepted) > before + 100, timeout=60)
+    finally:
+        stop.set()
+        worker.join()
+
+    def stored() -> list[str]:
+        rows = httpx.post(srv.url + "/query", timeout=30, json={
+            "sql": "SELECT id FROM commands WHERE action = 'ping'", "limit": 100_000}).json()["rows"]
+        return [r[0] for r in rows]
+
+    wait_for_or_none(lambda: set(accepted) <= set(stored()), timeout=30)
+    ids = stored()
+    assert len(ids) == len(set(ids)), "no command stored twice"
+    missing = [accepted.index(m) for m in set(accepted) - set(ids)]
+    assert not missing, f"accepted commands missing from the ledger (by send order): {sorted(missing)}"
+    assert httpx.post(srv.url + "/query", json={"sql": "SELECT 1"}).status_code == 200
+    srv.stop()
