@@ -23,6 +23,7 @@ from api.query import QueryController
 from api.schemas import SchemaController
 from api.services import Services, Settings, lifespan
 from api.updates import sse_updates, ws_updates
+from api.views import ViewController, export
 from ledger.errors import LedgerError
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=[
             CommandController, EventController, QueryController, SchemaController,
-            sse_updates, ws_updates, health, ready,
+            sse_updates, ws_updates, health, ready, ViewController, export,
         ],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         state=State({"services": services}),

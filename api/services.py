@@ -47,6 +47,9 @@ class Settings:
     strict: bool = field(default_factory=lambda: _env("LEDGER_STRICT", "0").lower() in ("1", "true", "yes"))
     max_body_bytes: int = field(default_factory=lambda: int(_env("LEDGER_MAX_BODY_BYTES", str(1 << 20))))
     produce_timeout: float = 5.0
+    # How long a fetch may wait for data. Kafka answers as soon as data arrives, so this mostly
+    # bounds idle polling; the bundled broker stalls if a fetch needs longer than this.
+    fetch_max_wait_ms: int = field(default_factory=lambda: int(_env("LEDGER_FETCH_MAX_WAIT_MS", "100")))
     demo: bool = False
     partitions: int = 3  # for topics the embedded broker creates
 
@@ -88,7 +91,7 @@ class Services:
         self.children = ChildWatcher(self.ledger, self.notifier)
         self.consumer = Consumer(
             self.ledger, bootstrap=self.bootstrap, group=s.group,
-            topics=(s.commands_topic, s.events_topic),
+            topics=(s.commands_topic, s.events_topic), fetch_max_wait_ms=s.fetch_max_wait_ms,
         )
         # Kafka may be down: the API still serves reads, answers 503 to commands and /ready
         # reports it, while these tasks keep trying to connect.

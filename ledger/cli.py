@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -27,13 +28,13 @@ from ledger.records import to_utc
 from ledger.temporal import check_time_point
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from ledger.temporal import TimePoint
 
 PROG = "ledger"
 DEFAULT_DATA_DIR = "./data"
-FORMATS = ("table", "csv", "json")
+FORMATS = ("table", "csv", "json", "parquet", "arrow")
 
 # Exit codes: 0 success, 1 the command ran and failed (or verify found tampering), 2 bad command line.
 OK, FAILED, USAGE = 0, 1, 2
@@ -122,7 +123,9 @@ def add_sql(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--valid-at", type=instant, metavar="T",
                         help="an ISO-8601 instant in valid time (makes the read bitemporal)")
     parser.add_argument("--format", choices=FORMATS, default="table",
-                        help="table (aligned text, default), csv, or json (one JSON object per line)")
+                        help="table (aligned text, default), csv, json (one JSON object per line), "
+                        "parquet or arrow (an Arrow IPC stream; binary: to stdout or --out)")
+    parser.add_argument("--out", metavar="FILE", help="write the result to FILE instead of stdout")
     parser.add_argument("--params", type=sql_params, metavar="JSON",
                         help='query parameters: a JSON array for $1, $2 or an object for $name')
     add_data_dir(parser)
@@ -132,8 +135,44 @@ def run_sql(args: argparse.Namespace) -> int:
     query = sys.stdin.read() if args.query == "-" else args.query
     with open_snapshot(args) as lg:
         table = lg.sql(query, as_of=args.as_of, valid_at=args.valid_at, params=args.params)
+    if args.format in ("parquet", "arrow"):
+        write_binary(table, args.format, args.out)
+        return OK
+    if args.out is not None:
+        with Path(args.out).open("w", encoding="utf-8") as f, _stdout_to(f):
+            {"table": write_table, "csv": write_csv, "json": write_json}[args.format](table)
+        return OK
     {"table": write_table, "csv": write_csv, "json": write_json}[args.format](table)
     return OK
+
+
+@contextmanager
+def _stdout_to(f: io.TextIOWrapper) -> Iterator[None]:
+    saved, sys.stdout = sys.stdout, f
+    try:
+        yield
+    finally:
+        sys.stdout = saved
+
+
+def write_binary(table: pa.Table, fmt: str, out: str | None) -> None:
+    """Parquet (zstd) or an Arrow IPC stream, to a file or to stdout (refused on a terminal)."""
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    if fmt == "parquet":
+        pq.write_table(table, buffer, compression="zstd")
+    else:
+        with pa.ipc.new_stream(buffer, table.schema) as writer:
+            writer.write_table(table)
+    if out is not None:
+        Path(out).write_bytes(buffer.getvalue())
+        return
+    if sys.stdout.isatty():
+        raise UsageError(f"{fmt} is binary: redirect stdout or pass --out FILE")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(buffer.getvalue())
+    sys.stdout.buffer.flush()
 
 
 def write_table(table: pa.Table) -> None:
@@ -364,6 +403,83 @@ def run_broker(args: argparse.Namespace) -> int:
     return broker.main(args.args)
 
 
+# ---------------------------------------------------------------------------------- views
+def add_views(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub.add_parser("list", help="the views defined now, with their materialization state")
+    add_data_dir(p)
+    p = sub.add_parser("show", help="one view: definition, versions, materialization")
+    p.add_argument("name")
+    add_data_dir(p)
+    p = sub.add_parser("rebuild", help="materialize a view as Parquet at the latest tx")
+    p.add_argument("name")
+    add_data_dir(p)
+
+
+def run_views(args: argparse.Namespace) -> int:
+    from ledger import views
+
+    if args.action == "rebuild":
+        return _rebuild_view(args)
+    with open_snapshot(args) as lg:
+        if args.action == "show":
+            print(json.dumps(views.describe(lg, args.name), indent=2, default=_json_default))
+            return OK
+        defs = views.definitions(lg)
+        for name in sorted(defs):
+            st = views.status(lg, name)
+            mat = f"{st['state']} at tx {st['tx']}" if st["tx"] is not None else st["state"]
+            print(f"{name}\tdefined at tx {defs[name].tx}\t{mat}\t{one_line(defs[name].description)}")
+    return OK
+
+
+def _rebuild_view(args: argparse.Namespace) -> int:
+    from ledger import views
+    from ledger.errors import LedgerLocked
+
+    try:
+        lg = Ledger.open(data_dir(args))
+    except LedgerLocked as e:
+        raise LedgerError(
+            f"{one_line(str(e))}; rebuild through that service instead: POST /views/{args.name}/rebuild"
+        ) from e
+    started = datetime.now().astimezone()
+
+    def progress(fraction: float, message: str) -> None:
+        if (datetime.now().astimezone() - started).total_seconds() > 1 or fraction >= 1:
+            print(f"\r{PROG}: rebuild {args.name}: {fraction:4.0%} {message}".ljust(70), end="",
+                  file=sys.stderr, flush=True)
+
+    with lg:
+        status = views.rebuild(lg, args.name, on_progress=progress)
+    print(file=sys.stderr)
+    print(f"{args.name}: {status['rows']} rows at tx {status['tx']} in {status['seconds']} s")
+    return OK
+
+
+# --------------------------------------------------------------------------------- export
+def add_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--as-of", type=time_point, metavar="T",
+                        help="a tx number or an ISO-8601 instant (default: the latest tx)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
+    parser.add_argument("--tables", metavar="T1,T2",
+                        help="relations and views to export (default: every relation)")
+    add_data_dir(parser)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ledger.export import export_dir
+
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
+    with open_snapshot(args) as lg:
+        manifest = export_dir(lg, Path(args.out), as_of=args.as_of, tables=tables)
+    for name, entry in manifest["tables"].items():
+        print(f"{name}\t{entry['rows']} rows\t{entry['file']}")
+    d = manifest["digest"]
+    print(f"as of tx {manifest['as_of_tx']}: hash {d['hash']}")
+    return OK
+
+
 # ----------------------------------------------------------------------------- the command
 @dataclass(frozen=True, slots=True)
 class Subcommand:
@@ -379,6 +495,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "serve": Subcommand("run the HTTP API, the ledger consumer and (by default) a bundled broker",
                         add_serve, run_serve),
     "consume": Subcommand("ingest Kafka topics into the ledger, exactly once", add_consume, run_consume),
+    "views": Subcommand("list, show or rebuild (materialize) views", add_views, run_views),
+    "export": Subcommand("write a Parquet slice of the ledger as of a tx, with a manifest", add_export,
+                         run_export),
     "broker": Subcommand("run the bundled Kafka-compatible broker in the foreground", add_broker,
                          run_broker),
 }

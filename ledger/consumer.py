@@ -29,7 +29,7 @@ from ledger.errors import InvalidRecord, LedgerError
 from ledger.records import OffsetMark, Quarantined, validate
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from aiokafka.structs import ConsumerRecord
 
@@ -44,6 +44,12 @@ ENVELOPE = {"id", "action", "data", "parent", "timestamp", "user", "system", "ki
 # short session timeouts for tests); the settings exactly-once depends on cannot be overridden.
 KAFKA_OPTIONS_ENV = "LEDGER_KAFKA_OPTIONS"
 _FIXED_OPTIONS = frozenset({"group_id", "enable_auto_commit", "auto_offset_reset", "bootstrap_servers"})
+# How long a partition's log end (highwater) may stay below the ledger's stored offset before the
+# log counts as replaced. Kafka answers a fetch past the log end with OffsetOutOfRange (and the
+# reset to "earliest" shows offsets going back at once); some brokers (Tansu) just return nothing.
+# The grace covers a new Kafka leader whose highwater briefly lags behind the old one's: a false
+# "replaced" would re-ingest the whole partition as a new generation.
+LOG_END_GRACE_S = 3.0
 
 
 def kafka_options_from_env() -> dict[str, Any]:
@@ -197,7 +203,9 @@ class Consumer:
         self.status = ConsumerStatus(group=group)
         self._kafka: AIOKafkaConsumer | None = None
         self._marks: dict[tuple[str, int], OffsetMark] = {}
-        self._check_digest: dict[tuple[str, int], int] = {}  # tp -> offset whose digest to compare
+        # tp -> offset of the last stored message, re-read to prove the log is still the same one
+        self._probing: dict[tuple[str, int], int] = {}
+        self._short_log: dict[tuple[str, int], float] = {}  # tp -> since when highwater < next_offset
         self.assigned_event = asyncio.Event()
         # A rebalance can run (in aiokafka's coordinator task) while a batch is being appended, or
         # between getmany() returning and the batch being appended. The lock keeps the assignment
@@ -218,22 +226,37 @@ class Consumer:
             self.status.assigned[f"{tp.topic}/{tp.partition}"] = PartitionStatus(
                 tp.topic, tp.partition, mark.next_offset, kafka.highwater(tp), mark.generation
             )
-            if mark.next_offset > 0 and mark.last_digest is not None:
-                # Re-read the last message we stored: if it is not the same message, the topic
-                # was recreated under us and everything in it is new.
-                self._check_digest[(tp.topic, tp.partition)] = mark.next_offset - 1
-                kafka.seek(tp, mark.next_offset - 1)
-            else:
-                kafka.seek(tp, mark.next_offset)
+            self._short_log.pop((tp.topic, tp.partition), None)
+            self._reread_last(kafka, tp)
         self.assigned_event.set()
+
+    def _reread_last(self, kafka: AIOKafkaConsumer, tp: TopicPartition) -> None:
+        """Position `tp` at the last message stored (or at 0 if none), so the next fetch starts
+        with it: only records that come in the same fetch response as an unchanged copy of that
+        message are known to continue the same log. Otherwise a broker that lost the topic and
+        refilled it past our offset (a memory broker restarted, a topic recreated) would hand us
+        its new records at offsets we have not stored yet, and we would skip its first ones."""
+        key = (tp.topic, tp.partition)
+        mark = self._marks.get(key, OffsetMark(0))
+        if mark.next_offset > 0 and mark.last_digest is not None:
+            self._probing[key] = mark.next_offset - 1
+            _seek(kafka, tp, mark.next_offset - 1)
+        else:
+            self._probing.pop(key, None)
+            _seek(kafka, tp, mark.next_offset)
 
     def _new_generation(self, kafka: AIOKafkaConsumer, tp: TopicPartition, reason: str) -> None:
         key = (tp.topic, tp.partition)
         old = self._marks.get(key, OffsetMark(0))
         log.warning("%s/%s: %s; starting generation %s", tp.topic, tp.partition, reason, old.generation + 1)
         self._marks[key] = OffsetMark(0, old.generation + 1, None)
+        self._probing.pop(key, None)
+        self._short_log.pop(key, None)
         self.status.generations_started += 1
-        kafka.seek(tp, 0)
+        st = self.status.assigned.get(f"{tp.topic}/{tp.partition}")
+        if st is not None:
+            st.next_offset, st.generation = 0, old.generation + 1
+        _seek(kafka, tp, 0)
 
     # ------------------------------------------------------------------------------ the loop
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -252,6 +275,7 @@ class Consumer:
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
                 consumer.assigned_event.clear()
+                consumer._epoch += 1  # batches fetched until now are stale: drop them
 
             async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
                 async with consumer._lock:  # after the append in flight, if any, has committed
@@ -285,21 +309,24 @@ class Consumer:
             self._kafka = None
 
     def _refresh_lag(self, kafka: AIOKafkaConsumer) -> None:
-        for st in self.status.assigned.values():
+        """Highwater per partition (from the latest fetch); and a partition whose log ends before
+        what we already stored was recreated (or the broker lost its log): waiting for it to grow
+        would skip its first records. After LOG_END_GRACE_S, start a new generation."""
+        now = time.monotonic()
+        for st in list(self.status.assigned.values()):
             tp = TopicPartition(st.topic, st.partition)
             hw = kafka.highwater(tp)
             if hw is None:
                 continue
             st.highwater = hw
-            mark = self._marks.get((st.topic, st.partition))
-            if mark is not None and hw < mark.next_offset:
-                # The partition ends before what we already stored: it was recreated (or the
-                # broker lost its log). Waiting for it to grow would skip its first records.
-                self._check_digest.pop((st.topic, st.partition), None)
+            key = (st.topic, st.partition)
+            mark = self._marks.get(key)
+            if mark is None or hw >= mark.next_offset:
+                self._short_log.pop(key, None)
+            elif now - self._short_log.setdefault(key, now) >= LOG_END_GRACE_S:
                 self._new_generation(
                     kafka, tp, f"the broker's end offset {hw} is before the stored {mark.next_offset}"
                 )
-                st.next_offset, st.generation = 0, mark.generation + 1
 
     async def _fetch(
         self, kafka: AIOKafkaConsumer
@@ -329,6 +356,8 @@ class Consumer:
                 st = self.status.assigned.get(f"{topic}/{partition}")
                 if st is not None:
                     st.next_offset, st.generation = mark.next_offset, mark.generation
+                # The next batch must come with the message just stored (drops the prefetch).
+                self._reread_last(kafka, TopicPartition(topic, partition))
             s = self.status
             s.records += len(report.ids)
             s.duplicates += len(report.duplicates)
@@ -373,23 +402,38 @@ class Consumer:
     def _check_generation(
         self, kafka: AIOKafkaConsumer, tp: TopicPartition, msgs: list[ConsumerRecord[bytes, bytes]]
     ) -> list[ConsumerRecord[bytes, bytes]]:
-        """Drop the re-read probe message, and notice offsets that went backwards."""
+        """The part of a fetched batch that continues what the ledger stored, or [] (after a seek:
+        to re-read the last stored message with the new ones, or to 0 for a new generation)."""
         key = (tp.topic, tp.partition)
         mark = self._marks.get(key, OffsetMark(0))
-        probe = self._check_digest.pop(key, None)
-        if probe is not None:
-            first = msgs[0]
-            if first.offset == probe and message_digest(first) == mark.last_digest:
-                return msgs[1:]  # the same message we stored last: same generation, carry on
-            if first.offset >= probe:
-                self._new_generation(kafka, tp, f"message at offset {probe} is not the one stored")
-                return []
-        if msgs[0].offset < mark.next_offset:
-            self._new_generation(
-                kafka, tp, f"offset went back from {mark.next_offset} to {msgs[0].offset}"
-            )
+        probe = self._probing.pop(key, None)
+        first, stored = msgs[0], mark.next_offset
+        if first.offset < stored - 1 or (first.offset == stored - 1 and mark.last_digest is None):
+            # Offsets went back: the broker reset us to "earliest" of a log shorter than ours.
+            self._new_generation(kafka, tp, f"offset went back from {stored} to {first.offset}")
             return []
+        if first.offset == stored - 1:
+            if message_digest(first) == mark.last_digest:
+                return msgs[1:]  # one fetch response: the rest continues the log we stored
+            self._new_generation(kafka, tp, f"message at offset {first.offset} is not the one stored")
+            return []
+        if stored == 0 or mark.last_digest is None:
+            return msgs  # nothing stored in this generation: nothing to compare with
+        if probe is None:
+            self._reread_last(kafka, tp)  # new records without the last stored one: fetch again
+            return []
+        # We asked for offset stored-1 and the log starts later (retention) or skips it
+        # (compaction): it cannot be compared; these records are all past the stored offset.
+        log.warning("%s/%s: offset %s is no longer in the log (retention or compaction); "
+                    "continuing at %s without comparing it", tp.topic, tp.partition, probe, first.offset)
         return msgs
+
+
+def _seek(kafka: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+    """Seek, unless a rebalance took `tp` away meanwhile (seek would raise): the next assignment
+    positions it from the ledger's offsets anyway."""
+    if tp in kafka.assignment():
+        kafka.seek(tp, offset)
 
 
 def run_forever(consumer: Consumer) -> None:
@@ -411,18 +455,29 @@ def run_forever(consumer: Consumer) -> None:
 
 
 async def partition_lag(
-    ledger: Ledger, *, bootstrap: str, group: str, timeout: float = 5.0
+    ledger: Ledger, *, bootstrap: str, group: str, timeout: float = 5.0,
+    topics: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Lag per partition the group has stored offsets for: broker highwater minus the ledger's
-    next offset. Uses `highwater()` from a fetch (some brokers answer `end_offsets()` wrongly)."""
+    """Lag per partition: broker highwater minus the ledger's next offset, for every partition the
+    group has stored offsets for and every partition of `topics` (those not consumed yet count
+    from 0, so records waiting for a consumer that never ran show up as lag). Uses `highwater()`
+    from a fetch (some brokers answer `end_offsets()` wrongly)."""
     marks = ledger.offsets(group)
-    if not marks:
+    if not marks and not topics:
         return []
     kafka = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              fetch_max_wait_ms=50, request_timeout_ms=int(timeout * 1000))
     await kafka.start()
     try:
+        if topics:
+            existing = await kafka.topics()  # metadata only: asking never creates a topic
+            for topic in topics:
+                if topic in existing:
+                    for p in kafka.partitions_for_topic(topic) or ():
+                        marks.setdefault((topic, p), OffsetMark(0))
         tps = [TopicPartition(t, p) for t, p in marks]
+        if not tps:
+            return []
         kafka.assign(tps)
         for tp in tps:
             kafka.seek(tp, max(0, marks[(tp.topic, tp.partition)].next_offset - 1))

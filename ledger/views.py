@@ -20,7 +20,6 @@ import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -42,6 +41,7 @@ from ledger.temporal import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
+    from pathlib import Path
 
     from ledger.ledger import Ledger
 
@@ -109,7 +109,9 @@ class _Catalog:
                      f"AND action IN ({quote(DEFINED)}, {quote(DROPPED)})")
             with lg.snapshot() as (cur, _):
                 # Only the segments that can hold newer txs: usually none, and the tail is small.
-                dirs = cur.execute(f"SELECT dir FROM segments WHERE last_tx > {lo} ORDER BY first_tx").fetchall()
+                dirs = cur.execute(
+                    f"SELECT dir FROM segments WHERE last_tx > {lo} ORDER BY first_tx"
+                ).fetchall()
                 files = [str(lg.root / SEGMENTS_DIR / d / "records.parquet") for (d,) in dirs]
                 rows = cur.execute(
                     f"SELECT tx, tx_time, action, data FROM ({union_sql('records', files, where)}) "
@@ -136,7 +138,8 @@ class _Catalog:
 
 
 def _version(tx: int, tx_time: datetime, action: str, data: Any) -> ViewVersion | None:
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not NAME.fullmatch(data["name"]):
+    name = data.get("name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         return None  # kept in the log for the audit, but it defines nothing
     if action == DROPPED:
         return ViewVersion(data["name"], "", "", tx, tx_time, dropped=True)
@@ -436,7 +439,7 @@ def read_status(root: Path, name: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write to a temp name, fsync, rename, fsync the directory: readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")

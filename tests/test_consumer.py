@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 
 from ledger import Ledger
 from ledger.broker import Broker, create_topics_async
-from ledger.consumer import ID_NAMESPACE, Consumer
+from ledger.consumer import ID_NAMESPACE, Consumer, partition_lag
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -30,13 +30,15 @@ FAST = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
 async def produce(
     bootstrap: str, topic: str, values: Sequence[bytes | None], *, partition: int | None = 0,
     keys: Sequence[bytes | None] | None = None, headers: list[tuple[str, bytes]] | None = None,
+    partitions: int = 3,
 ) -> None:
+    """Send values to one partition, or (partition=None) round-robin over `partitions`."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, max_batch_size=256 * 1024)
     await producer.start()
     try:
         futures = []
         for i, value in enumerate(values):
-            p = partition if partition is not None else i % 3
+            p = partition if partition is not None else i % partitions
             key = keys[i] if keys is not None else f"key-{i}".encode()
             futures.append(await producer.send(topic, value, key=key, partition=p, headers=headers))
         for fut in futures:
@@ -266,11 +268,14 @@ async def test_broker_restart_while_consuming_with_more_new_records_than_the_old
     private_broker: Broker, ledger: Ledger
 ) -> None:
     """As above, but the consumer stays up: the new records are produced right after the restart,
-    so the consumer's first fetch after reconnecting may find offset 20 full of new records."""
+    so the consumer's first fetch after reconnecting finds offset 20 full of new records, before
+    its group session notices the restart (heartbeats every 2 s here) and re-joins."""
     topic, bs = "restart-digest-live", private_broker.bootstrap
     await create_topics_async(bs, {topic: 1})
     await produce(bs, topic, phase("before", 20))
-    consumer = Consumer(ledger, bootstrap=bs, group="digest-live", topics=(topic,), kafka_options=FAST)
+    slow_heartbeat = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2000}
+    consumer = Consumer(ledger, bootstrap=bs, group="digest-live", topics=(topic,),
+                        kafka_options=slow_heartbeat)
     async with running(consumer):
         await eventually(lambda: count(ledger) == 20, 20, "the first records")
         await restart_empty(private_broker, topic, 1)
@@ -279,3 +284,77 @@ async def test_broker_restart_while_consuming_with_more_new_records_than_the_old
         await asyncio.sleep(0.5)
     assert generations(ledger, topic) == {"before": list(range(20)), "after": list(range(50))}
     assert ledger.verify().ok
+
+
+# ------------------------------------------------------------------------------------------ lag
+async def test_lag_per_partition(broker: Broker, ledger: Ledger) -> None:
+    topic, group = "lag", "lag"
+    await create_topics_async(broker.bootstrap, {topic: 3})
+    per_partition = {0: 40, 1: 25, 2: 0}
+    for p, n in per_partition.items():
+        await produce(broker.bootstrap, topic, phase(f"p{p}", n), partition=p)
+
+    # Nothing consumed yet: records waiting in partitions the ledger has no offsets for are lag.
+    rows = await partition_lag(ledger, bootstrap=broker.bootstrap, group=group, topics=(topic,))
+    assert [(r["partition"], r["next_offset"], r["highwater"], r["lag"]) for r in rows] == [
+        (0, 0, 40, 40), (1, 0, 25, 25), (2, 0, 0, 0)]
+    assert await partition_lag(ledger, bootstrap=broker.bootstrap, group=group) == []
+
+    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group=group, topics=(topic,),
+                        kafka_options=FAST)
+
+    def status() -> list[tuple[int, int, int | None, int | None]]:
+        return [(p["partition"], p["next_offset"], p["highwater"], p["lag"])
+                for p in consumer.status.as_dict()["partitions"]]
+
+    async with running(consumer):
+        await eventually(lambda: status() == [(0, 40, 40, 0), (1, 25, 25, 0), (2, 0, 0, 0)], 20,
+                         "lag 0 in the status")
+        # Caught up: the status and partition_lag agree.
+        rows = await partition_lag(ledger, bootstrap=broker.bootstrap, group=group, topics=(topic,))
+        assert [(r["partition"], r["next_offset"], r["highwater"], r["lag"]) for r in rows] == status()
+        # While the consumer runs, a backlog shows as lag in its status before it is worked off.
+        await produce(broker.bootstrap, topic, phase("burst", 30_000), partition=1)
+        await eventually(lambda: any((p[3] or 0) > 0 for p in status()), 20, "lag > 0 in the status")
+        await eventually(lambda: status()[1] == (1, 30_025, 30_025, 0), 60, "the backlog worked off")
+    await produce(broker.bootstrap, topic, phase("waiting", 7), partition=2)
+    rows = await partition_lag(ledger, bootstrap=broker.bootstrap, group=group, topics=(topic,))
+    assert [(r["partition"], r["next_offset"], r["highwater"], r["lag"]) for r in rows] == [
+        (0, 40, 40, 0), (1, 30_025, 30_025, 0), (2, 0, 7, 7)]
+    # Without `topics`: only the partitions the ledger holds offsets for (partition 2 never had a
+    # record while the consumer ran, so nothing was stored for it).
+    rows = await partition_lag(ledger, bootstrap=broker.bootstrap, group=group)
+    assert [(r["partition"], r["lag"]) for r in rows] == [(0, 0), (1, 0)]
+
+
+# ------------------------------------------------------------------------------------ rebalance
+async def test_rebalance_in_the_middle_of_appends_loses_and_duplicates_nothing(
+    broker: Broker, ledger: Ledger
+) -> None:
+    """A pattern subscription rebalances when a matching topic appears. Here it appears while the
+    consumer works off a backlog (appends take ~1 s each), so the new assignment lands while a
+    batch is being appended: it must neither re-read stale offsets nor take the redelivery that
+    follows for a recreated topic."""
+    first, second = "rb-first", "rb-second"
+    await create_topics_async(broker.bootstrap, {first: 3})
+    await produce(broker.bootstrap, first, phase("first", 30_000), partition=None)
+    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="rb", pattern=r"^rb-.*",
+                        kafka_options={**FAST, "metadata_max_age_ms": 500})
+    async with running(consumer):
+        await eventually(lambda: consumer.status.transactions >= 1, 30, "the first append")
+        await create_topics_async(broker.bootstrap, {second: 2})
+        await produce(broker.bootstrap, second, phase("second", 2_000), partition=None, partitions=2)
+        await eventually(lambda: consumer.status.records >= 32_000 and all(
+            p["lag"] == 0 for p in consumer.status.as_dict()["partitions"]) and len(
+            consumer.status.assigned) == 5, 90, "everything")
+        await asyncio.sleep(0.5)
+    rows = ledger.sql(
+        "SELECT kafka_topic AS t, kafka_partition AS p, list(kafka_offset ORDER BY tx, seq) AS o "
+        "FROM log GROUP BY ALL ORDER BY ALL").to_pylist()
+    assert [(r["t"], r["p"]) for r in rows] == [(first, 0), (first, 1), (first, 2), (second, 0), (second, 1)]
+    for r in rows:
+        assert r["o"] == list(range(len(r["o"]))), (r["t"], r["p"])
+    assert sum(len(r["o"]) for r in rows) == 32_000
+    assert count(ledger) == 32_000 and consumer.status.generations_started == 0
+    assert ledger.sql("SELECT count(*) AS n FROM transactions WHERE meta LIKE '%rb-second%'"
+                      ).to_pylist()[0]["n"] >= 1

@@ -1,0 +1,165 @@
+"""Views over HTTP: define (versioned in the ledger), read as of any tx, rebuild materializations,
+changes between two points; and GET /export, a Parquet slice of the ledger as of a tx."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from litestar import Controller, Request, Response, delete, get, post, put
+from litestar.params import Body, Parameter
+
+from api.errors import bad_request, not_found
+from api.query import MAX_ROWS, _plain, table_response
+from api.records import time_param
+from api.services import Services  # Litestar reads handler annotations at runtime
+from ledger import views
+from ledger.errors import InvalidQuery, InvalidViewName, UnknownView
+from ledger.export import export_zip
+
+log = logging.getLogger("api")
+_rebuilds: set[asyncio.Task[Any]] = set()  # strong references while they run
+
+
+def _describe(services: Services, name: str) -> dict[str, Any]:
+    try:
+        return views.describe(services.ledger, name)
+    except UnknownView as e:
+        raise not_found(f"view {name!r}") from e
+
+
+def _definition_param(definition: str) -> str:
+    if definition not in ("as_of", "current"):
+        raise bad_request("definition must be 'as_of' or 'current'", field="definition")
+    return definition
+
+
+class ViewController(Controller):
+    path = "/views"
+    tags = ["views"]
+
+    @get("/")
+    async def list_views(self, services: Services) -> dict[str, Any]:
+        """Every view defined now, with its materialization status."""
+        lg = services.ledger
+        defs = await asyncio.to_thread(views.definitions, lg)
+        items = [await asyncio.to_thread(views.describe, lg, n) for n in sorted(defs)]
+        return {"tx": lg.head.tx, "items": items}
+
+    @put("/{name:str}")
+    async def define(self, services: Services, name: str, data: Any = Body()) -> Response[Any]:  # noqa: B008
+        """Define or replace a view (validated by a dry run): 201 new, 200 replaced."""
+        if not isinstance(data, dict) or not isinstance(data.get("sql"), str):
+            raise bad_request("body must be an object with a string 'sql'", field="sql")
+        unknown = sorted(set(data) - {"sql", "description"})
+        if unknown:
+            raise bad_request(f"unknown field {unknown[0]!r}", field=unknown[0])
+        description = data.get("description") or ""
+        if not isinstance(description, str):
+            raise bad_request("'description' must be a string", field="description")
+        try:
+            _version, created = await asyncio.to_thread(
+                views.define_view, services.ledger, name, data["sql"], description,
+            )
+        except InvalidViewName as e:
+            raise bad_request(str(e), field="name", kind="invalid-view-name") from e
+        except InvalidQuery as e:
+            raise bad_request(str(e), field="sql", kind="invalid-query") from e
+        body = await asyncio.to_thread(views.describe, services.ledger, name)
+        return Response(body, status_code=201 if created else 200,
+                        headers={"Location": f"/views/{name}"} if created else None)
+
+    @get("/{name:str}")
+    async def show(self, services: Services, name: str) -> dict[str, Any]:
+        """The view's definition, its version tx, and its materialization status and progress."""
+        return await asyncio.to_thread(_describe, services, name)
+
+    @delete("/{name:str}", status_code=204)
+    async def drop(self, services: Services, name: str) -> None:
+        """Drop the view (its past definitions stay in the ledger and still answer as-of reads)."""
+        try:
+            await asyncio.to_thread(views.drop_view, services.ledger, name)
+        except UnknownView as e:
+            raise not_found(f"view {name!r}") from e
+
+    @get("/{name:str}/rows")
+    async def rows(
+        self, request: Request[Any, Any, Any], services: Services, name: str, as_of: str | None = None,
+        valid_at: str | None = None, definition: str = "as_of", limit: int = 10_000,
+    ) -> Response[Any]:
+        """The view's rows as of a tx or instant (formats by Accept, as for /query)."""
+        if not 1 <= limit <= MAX_ROWS:
+            raise bad_request(f"limit must be an integer between 1 and {MAX_ROWS}", field="limit")
+        try:
+            table = await asyncio.to_thread(
+                views.rows, services.ledger, name, as_of=time_param(as_of, "as_of"),
+                valid_at=valid_at or None, definition=_definition_param(definition), limit=limit,
+            )
+        except UnknownView as e:
+            raise not_found(f"view {name!r}" + (f" as of {as_of}" if as_of else "")) from e
+        return table_response(table, request.headers.get("accept", ""))
+
+    @post("/{name:str}/rebuild", status_code=202)
+    async def rebuild(self, services: Services, name: str) -> Response[Any]:
+        """Rebuild the materialization from the full log in the background; poll GET /views/{name}."""
+        lg = services.ledger
+        try:
+            started = await asyncio.to_thread(views.start_rebuild, lg, name)
+        except UnknownView as e:
+            raise not_found(f"view {name!r}") from e
+        if started:
+            task = asyncio.create_task(asyncio.to_thread(_rebuild, lg, name), name=f"rebuild-{name}")
+            _rebuilds.add(task)
+            task.add_done_callback(_rebuilds.discard)
+        body = await asyncio.to_thread(_describe, services, name)
+        return Response(body, status_code=202, headers={"Location": f"/views/{name}"})
+
+    @get("/{name:str}/changes")
+    async def changes(
+        self, services: Services, name: str, since: str = Parameter(query="from"),
+        until: str | None = Parameter(query="to", default=None), definition: str = "as_of",
+    ) -> dict[str, Any]:
+        """Rows added and removed between two points (tx numbers or instants)."""
+        lg = services.ledger
+        start = time_param(since, "from")
+        if start is None:
+            raise bad_request("'from' is required (a tx number or an instant)", field="from")
+        end = time_param(until, "to")
+        try:
+            added, removed = await asyncio.to_thread(
+                views.changes, lg, name, since=start, until=end, definition=_definition_param(definition),
+            )
+        except UnknownView as e:
+            raise not_found(f"view {name!r}") from e
+        from_tx = lg.as_of(start).basis_tx
+        to_tx = lg.head.tx if end is None else lg.as_of(end).basis_tx
+        return {
+            "view": name, "from_tx": from_tx, "to_tx": to_tx,
+            "columns": added.column_names,
+            "added": [_plain(r) for r in added.to_pylist()],
+            "removed": [_plain(r) for r in removed.to_pylist()],
+        }
+
+
+def _rebuild(lg: Any, name: str) -> None:
+    try:
+        views.rebuild(lg, name, claimed=True)
+    except Exception:  # the status file says "failed" with the reason
+        log.exception("rebuild of view %s failed", name)
+
+
+@get("/export", tags=["export"])
+async def export(services: Services, as_of: str | None = None, tables: str | None = None) -> Response[bytes]:
+    """A zip of Parquet files (one per relation or view) and manifest.json (tables, row counts,
+    and the ledger digest at that tx), readable by plain DuckDB after unzip."""
+    wanted = [t.strip() for t in tables.split(",") if t.strip()] if tables else None
+    try:
+        data, manifest = await asyncio.to_thread(
+            export_zip, services.ledger, as_of=time_param(as_of, "as_of"), tables=wanted,
+        )
+    except UnknownView as e:
+        raise bad_request(str(e), field="tables") from e
+    return Response(data, media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="ledger-tx{manifest["as_of_tx"]}.zip"',
+    })

@@ -1,0 +1,126 @@
+"""API benchmark: sync command round trips (POST /commands?sync=true through Kafka, the bank
+processor and back through the ledger) at 1, 10 and 50 concurrent clients, and async POST
+throughput. Prints a table and writes bench/results/api.json.
+
+    .venv/bin/python bench/api.py [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.test_api import Server  # noqa: E402
+
+TARGETS = {"sync_p50_ms_10": 15.0, "sync_p99_ms_10": 60.0, "async_per_s": 2000.0}
+
+
+def machine() -> dict[str, object]:
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "python": platform.python_version(),
+            "date": datetime.now(UTC).isoformat(), "load_avg": os.getloadavg()}
+
+
+async def sync_load(url: str, clients: int, seconds: float, accounts: list[str]) -> dict[str, float]:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    deadline = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        rng = random.Random(i)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            while time.perf_counter() < deadline:
+                a, b = rng.sample(accounts, 2)
+                body = {"action": "transfer-money", "data": {"from_account": a, "to_account": b, "amount": 1}}
+                t0 = time.perf_counter()
+                r = await http.post("/commands", params={"sync": "true", "timeout": 10}, json=body)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.perf_counter() - started
+    q = statistics.quantiles(latencies, n=100)
+    return {"clients": clients, "requests": len(latencies), "per_s": len(latencies) / elapsed,
+            "p50_ms": statistics.median(latencies), "p99_ms": q[98], "statuses": statuses}  # type: ignore[dict-item]
+
+
+async def async_load(url: str, clients: int, seconds: float) -> dict[str, float]:
+    count = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal count
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            while time.perf_counter() < deadline:
+                r = await http.post("/commands", json={"action": "ping", "data": {"n": count}})
+                assert r.status_code == 202, r.text
+                count += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return {"clients": clients, "requests": count, "per_s": count / (time.perf_counter() - started)}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    srv = Server(tmp / "data", "--demo").start()
+    try:
+        accounts = [f"acct-{i}" for i in range(100)]
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
+            for a in accounts:
+                await http.post("/commands", params={"sync": "true"}, json={
+                    "action": "open-account", "data": {"account": a, "owner": a}})
+                await http.post("/commands", params={"sync": "true"}, json={
+                    "action": "deposit", "data": {"account": a, "amount": 10**9}})
+        rows = [await sync_load(srv.url, c, args.seconds, accounts) for c in (1, 10, 50)]
+        asyncs = [await async_load(srv.url, c, args.seconds) for c in (10, 50)]
+    finally:
+        srv.stop()
+    print(f"{'mode':<8}{'clients':>8}{'req':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    for r in rows:
+        print(f"{'sync':<8}{r['clients']:>8}{r['requests']:>8}{r['per_s']:>10.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}")
+    for r in asyncs:
+        print(f"{'async':<8}{r['clients']:>8}{r['requests']:>8}{r['per_s']:>10.0f}")
+    ten = rows[1]
+    checks = {
+        "sync p50 <= 15 ms @10": ten["p50_ms"] <= TARGETS["sync_p50_ms_10"],
+        "sync p99 <= 60 ms @10": ten["p99_ms"] <= TARGETS["sync_p99_ms_10"],
+        "async >= 2000/s": max(r["per_s"] for r in asyncs) >= TARGETS["async_per_s"],
+    }
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'MISS'}  {name}")
+    out = REPO / "bench" / "results" / "api.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "seconds": args.seconds, "sync": rows, "async": asyncs,
+                               "targets": TARGETS, "checks": checks,
+                               "git": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                     text=True, cwd=REPO).stdout.strip()}, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

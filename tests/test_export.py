@@ -1,0 +1,104 @@
+"""Export (CLI and HTTP) read back by plain DuckDB; the CLI's binary formats and view commands."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from typing import TYPE_CHECKING
+
+import duckdb
+import httpx
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import pytest
+
+from ledger import Ledger
+from ledger import views as v
+from ledger.cli import main
+from tests.test_api import Server, post_command, wait_for
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+RELATIONS = ["log", "commands", "events", "datoms", "entities", "transactions", "quarantine"]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    with Ledger.open(root, seal_every=3) as lg:
+        for i in range(7):
+            lg.append([{"kind": "event", "action": "deposited",
+                        "data": {"id": f"a{i % 2}", "amount": i}}])
+        v.define_view(lg, "amounts", "SELECT data->>'id' AS id, (data->>'amount')::INT AS amount "
+                                     "FROM events WHERE action = 'deposited'")
+    return root
+
+
+def test_cli_export_is_readable_by_plain_duckdb(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["export", "--as-of", "5", "--out", str(out), "--data-dir", str(data)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["as_of_tx"] == 5 and list(manifest["tables"]) == RELATIONS
+    with Ledger.open(data) as lg:
+        assert manifest["digest"]["hash"] == lg.tx_range(5, 6)[0].hash
+        for name, entry in manifest["tables"].items():
+            plain = duckdb.sql(f"SELECT count(*) FROM read_parquet('{out / entry['file']}')").fetchall()
+            assert plain == [(entry["rows"],)]
+            assert entry["rows"] == lg.sql(f"SELECT count(*) AS n FROM {name}", as_of=5).to_pylist()[0]["n"]
+    assert duckdb.sql(f"SELECT max(tx) FROM read_parquet('{out / 'log.parquet'}')").fetchall() == [(5,)]
+    # a view, as of a tx when it exists
+    out2 = tmp_path / "out2"
+    assert main(["export", "--out", str(out2), "--tables", "amounts,log", "--data-dir", str(data)]) == 0
+    m2 = json.loads((out2 / "manifest.json").read_text())
+    assert m2["tables"]["amounts"] == {"file": "amounts.parquet", "kind": "view", "rows": 7}
+    assert main(["export", "--as-of", "3", "--out", str(out2), "--tables", "amounts",
+                 "--data-dir", str(data)]) == 1  # not defined at tx 3
+
+
+def test_cli_sql_binary_formats_and_views(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pq_file, arrow_file = tmp_path / "r.parquet", tmp_path / "r.arrow"
+    assert main(["sql", "SELECT * FROM amounts", "--format", "parquet", "--out", str(pq_file),
+                 "--data-dir", str(data)]) == 0
+    assert pq.read_table(pq_file).num_rows == 7
+    assert main(["sql", "SELECT * FROM amounts", "--as-of", "8", "--format", "arrow", "--out",
+                 str(arrow_file), "--data-dir", str(data)]) == 0
+    assert ipc.open_stream(arrow_file.read_bytes()).read_all().num_rows == 7
+    capsys.readouterr()
+    assert main(["views", "list", "--data-dir", str(data)]) == 0
+    assert capsys.readouterr().out.startswith("amounts\tdefined at tx 8\tnone")
+    assert main(["views", "rebuild", "amounts", "--data-dir", str(data)]) == 0
+    assert "7 rows at tx 8" in capsys.readouterr().out
+    assert main(["views", "show", "amounts", "--data-dir", str(data)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["tx"] == 8 and shown["materialization"]["state"] == "ready"
+    assert main(["views", "show", "nope", "--data-dir", str(data)]) == 1
+    assert "no view named 'nope'" in capsys.readouterr().err
+
+
+def test_http_export_zip_is_readable_by_plain_duckdb(tmp_path: Path) -> None:
+    srv = Server(tmp_path / "data").start()
+    try:
+        assert post_command(srv, {"action": "export-test", "data": {"n": 1}}).status_code == 202
+        head = wait_for(lambda: httpx.get(srv.url + "/ready").json()["tx"])
+        r = httpx.put(srv.url + "/views/tests", json={
+            "sql": "SELECT data->>'n' AS n FROM commands WHERE action = 'export-test'"})
+        assert r.status_code == 201
+        resp = httpx.get(srv.url + "/export", params={"as_of": head, "tables": "log,transactions"})
+        assert resp.status_code == 200 and resp.headers["content-type"] == "application/zip"
+        with zipfile.ZipFile(io.BytesIO(resp.content)) as z:
+            z.extractall(tmp_path / "unzipped")
+        manifest = json.loads((tmp_path / "unzipped" / "manifest.json").read_text())
+        assert manifest["as_of_tx"] == head and set(manifest["tables"]) == {"log", "transactions"}
+        tx = httpx.get(f"{srv.url}/tx/{head}").json()
+        assert manifest["digest"] == {"tx": head, "tx_time": tx["tx_time"], "hash": tx["hash"]}
+        log = duckdb.sql(f"SELECT action FROM read_parquet('{tmp_path / 'unzipped' / 'log.parquet'}')")
+        assert ("export-test",) in log.fetchall()
+        whole = httpx.get(srv.url + "/export", params={"tables": "tests,events"})
+        with zipfile.ZipFile(io.BytesIO(whole.content)) as z:
+            assert json.loads(z.read("manifest.json"))["tables"]["tests"]["rows"] == 1
+    finally:
+        srv.stop()

@@ -1,0 +1,292 @@
+"""Views: versioned in the ledger, usable from any SQL as of any tx, materialized at a tx."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ledger import InvalidQuery, Ledger
+from ledger import views as v
+from ledger.errors import InvalidViewName, UnknownView
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def deposit(lg: Ledger, acct: str, amount: int) -> int:
+    return lg.append([{"kind": "event", "action": "deposited",
+                       "data": {"id": acct, "account": acct, "amount": amount}}]).tx
+
+
+def sorted_rows(table: Any) -> list[tuple[Any, ...]]:
+    return sorted((tuple(r.values()) for r in table.to_pylist()), key=repr)
+
+
+@pytest.fixture
+def lg(tmp_path: Path) -> Ledger:
+    return Ledger.open(tmp_path / "data", seal_every=3)
+
+
+BALANCES = ("SELECT data->>'account' AS account, sum((data->>'amount')::BIGINT) AS balance "
+            "FROM events WHERE action = 'deposited' GROUP BY ALL")
+
+
+def test_definitions_are_versioned_and_reads_use_the_definition_at_t(lg: Ledger) -> None:
+    deposit(lg, "a", 5)
+    deposit(lg, "b", 7)
+    first, created = v.define_view(lg, "balances", BALANCES, "per account")
+    assert created and first.tx == lg.head.tx and first.description == "per account"
+    t1 = lg.head.tx
+    deposit(lg, "a", 1)
+    second, created = v.define_view(lg, "balances", BALANCES.replace("sum(", "max("))
+    assert not created and second.tx > t1
+    t2 = lg.head.tx
+    # The definition records are ordinary, hash-chained events.
+    actions = lg.sql("SELECT action FROM events WHERE action LIKE 'ledger.view-%' ORDER BY tx").to_pylist()
+    assert [r["action"] for r in actions] == ["ledger.view-defined"] * 2
+    assert lg.verify().ok
+
+    q = "SELECT * FROM balances ORDER BY account"
+    assert lg.sql(q, as_of=t1).to_pylist() == [{"account": "a", "balance": 5}, {"account": "b", "balance": 7}]
+    assert lg.sql(q).to_pylist() == [{"account": "a", "balance": 5}, {"account": "b", "balance": 7}]  # max
+    # today's definition over past data, and the as-of definition over today's data
+    assert sorted_rows(v.rows(lg, "balances", as_of=t1, definition="current")) == [("a", 5), ("b", 7)]
+    assert sorted_rows(v.rows(lg, "balances", as_of=t2 - 1)) == [("a", 6), ("b", 7)]
+    assert sorted_rows(v.rows(lg, "balances")) == [("a", 5), ("b", 7)]
+    with pytest.raises(UnknownView):
+        v.rows(lg, "balances", as_of=t1 - 1)
+    with pytest.raises(InvalidQuery, match="balances"):
+        lg.sql("SELECT * FROM balances", as_of=t1 - 1)
+    assert [x.tx for x in v.history(lg, "balances")] == [t1, t2]
+
+
+def test_views_on_views_drop_and_missing_dependencies(lg: Ledger) -> None:
+    deposit(lg, "a", 5)
+    deposit(lg, "b", 50)
+    v.define_view(lg, "balances", BALANCES)
+    t_base = lg.head.tx
+    v.define_view(lg, "rich", "SELECT account FROM balances WHERE balance > 10")
+    t_rich = lg.head.tx
+    assert lg.sql("SELECT * FROM rich").to_pylist() == [{"account": "b"}]
+    # a join between a view and a relation, and between two views
+    joined = lg.sql("SELECT r.account, b.balance FROM rich r JOIN balances b USING (account)")
+    assert joined.to_pylist() == [{"account": "b", "balance": 50}]
+    # Redefining the base view changes what the dependent view answers from then on only.
+    v.define_view(lg, "balances", BALANCES.replace("sum(", "-sum("))
+    assert lg.sql("SELECT * FROM rich").to_pylist() == []
+    assert lg.sql("SELECT * FROM rich", as_of=t_rich).to_pylist() == [{"account": "b"}]
+    v.drop_view(lg, "rich")
+    t_dropped = lg.head.tx
+    with pytest.raises(InvalidQuery):
+        lg.sql("SELECT * FROM rich")
+    with pytest.raises(UnknownView):
+        v.drop_view(lg, "rich")
+    assert lg.sql("SELECT count(*) AS n FROM rich", as_of=t_dropped - 1).to_pylist() == [{"n": 0}]
+    assert "rich" not in v.definitions(lg) and "rich" in v.definitions(lg, as_of=t_rich)
+    assert set(v.definitions(lg, as_of=t_base)) == {"balances"}
+    # A view whose dependency did not exist at T: a clear error naming it.
+    v.define_view(lg, "later", "SELECT 1 AS x")
+    v.define_view(lg, "uses_later", "SELECT * FROM later")
+    v.drop_view(lg, "later")
+    with pytest.raises(InvalidQuery, match="uses_later"):
+        lg.sql("SELECT * FROM uses_later")
+    # A column that happens to share a view's name does not break a query.
+    assert lg.sql("SELECT 1 AS rich, 2 AS balances").num_rows == 1
+
+
+def test_time_travel_on_a_view_uses_its_definition_then(lg: Ledger) -> None:
+    deposit(lg, "a", 5)
+    v.define_view(lg, "balances", BALANCES)
+    t = lg.head.tx
+    deposit(lg, "a", 5)
+    rows = lg.sql(
+        f"SELECT now.balance AS now, past.balance AS past FROM balances now "
+        f"JOIN balances FOR SYSTEM_TIME AS OF {t} past USING (account)"
+    ).to_pylist()
+    assert rows == [{"now": 10, "past": 5}]
+
+
+@pytest.mark.parametrize(
+    ("name", "sql", "error", "match"),
+    [
+        ("Bad", "SELECT 1", InvalidViewName, "must match"),
+        ("9lives", "SELECT 1", InvalidViewName, "must match"),
+        ("x" * 64, "SELECT 1", InvalidViewName, "must match"),
+        ("events", "SELECT 1", InvalidViewName, "shadow"),
+        ("tail_records", "SELECT 1", InvalidViewName, "shadow"),
+        ("segments", "SELECT 1", InvalidViewName, "shadow"),
+        ("ok", "SELEC 1", InvalidQuery, "syntax"),
+        ("ok", "SELECT nope FROM events", InvalidQuery, "nope"),
+        ("ok", "SELECT * FROM no_such_view", InvalidQuery, "no_such_view"),
+        ("ok", "DELETE FROM tail_records", InvalidQuery, "only SELECT"),
+        ("ok", "SELECT 1; SELECT 2", InvalidQuery, "one SQL statement"),
+        ("ok", "SELECT * FROM read_csv('/etc/passwd')", InvalidQuery, "(?i)access|permission|disabled"),
+        ("ok", "  ", InvalidQuery, "non-empty"),
+    ],
+)
+def test_dry_run_refuses_bad_definitions(
+    lg: Ledger, name: str, sql: str, error: type[Exception], match: str
+) -> None:
+    before = lg.head.tx
+    with pytest.raises(error, match=match):
+        v.define_view(lg, name, sql)
+    assert lg.head.tx == before  # nothing was recorded
+
+
+def test_a_cycle_is_refused_by_the_dry_run(lg: Ledger) -> None:
+    v.define_view(lg, "a", "SELECT 1 AS x")
+    v.define_view(lg, "b", "SELECT * FROM a")
+    with pytest.raises(InvalidQuery):
+        v.define_view(lg, "a", "SELECT * FROM b")
+    with pytest.raises(InvalidQuery):
+        v.define_view(lg, "c", "SELECT * FROM c")
+
+
+def test_view_records_from_kafka_define_nothing(lg: Ledger) -> None:
+    lg.append([{"kind": "event", "action": v.DEFINED, "topic": "events", "partition": 0, "offset": 1,
+                "data": {"name": "sneaky", "sql": "SELECT 1"}}])
+    assert "sneaky" not in v.definitions(lg)
+
+
+def test_changes_between_two_points(lg: Ledger) -> None:
+    deposit(lg, "a", 5)
+    v.define_view(lg, "balances", BALANCES)
+    t = lg.head.tx
+    deposit(lg, "a", 1)
+    deposit(lg, "c", 3)
+    added, removed = v.changes(lg, "balances", since=t)
+    assert sorted_rows(added) == [("a", 6), ("c", 3)]
+    assert sorted_rows(removed) == [("a", 5)]
+    added, removed = v.changes(lg, "balances", since=0, until=t)  # did not exist at 0: all added
+    assert sorted_rows(added) == [("a", 5)] and removed.num_rows == 0
+
+
+def test_rebuild_writes_parquet_and_status_and_reads_use_it(lg: Ledger) -> None:
+    for i in range(5):
+        deposit(lg, f"a{i % 2}", i)
+    v.define_view(lg, "big", "SELECT data->>'account' AS account, tx FROM events WHERE action = 'deposited'")
+    v.define_view(lg, "balances", BALANCES)
+    seen: list[float] = []
+    status = v.rebuild(lg, "big", on_progress=lambda f, _m: seen.append(f))
+    m = lg.head.tx
+    assert status["state"] == "ready" and status["tx"] == m and status["rows"] == 5 and status["incremental"]
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+    path = lg.root / "views" / "big" / f"{m}.parquet"
+    assert path.exists() and json.loads((path.parent / "status.json").read_text())["state"] == "ready"
+    deposit(lg, "a1", 100)
+    assert v.status(lg, "big")["state"] == "ready"  # incremental: still fresh
+    assert lg.sql("SELECT count(*) AS n FROM big").to_pylist() == [{"n": 6}]
+    v.rebuild(lg, "balances")
+    assert not v.read_status(lg.root, "balances")["incremental"]  # type: ignore[index]
+    deposit(lg, "a0", 1)
+    assert v.status(lg, "balances")["state"] == "stale"
+    # The materialization really is what reads at T >= M use: empty it and see (T < M: the SQL).
+    pq.write_table(pq.read_table(path).slice(0, 0), path)
+    assert lg.sql("SELECT count(*) AS n FROM big", as_of=m).to_pylist() == [{"n": 0}]
+    assert lg.sql("SELECT count(*) AS n FROM big").to_pylist() == [{"n": 2}]  # + the 2 newer rows
+    assert lg.sql("SELECT count(*) AS n FROM big", as_of=m - 1).to_pylist() == [{"n": 5}]
+    path.unlink()
+    assert lg.sql("SELECT count(*) AS n FROM big").to_pylist() == [{"n": 7}]  # gone: the SQL again
+    v.drop_view(lg, "big")
+    assert not path.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT * FROM events WHERE action = 'x'", True),
+        ("SELECT id, data->>'a' AS a FROM log e WHERE e.kind = 'event'", True),
+        ("SELECT * FROM commands", True),
+        ("SELECT count(*) FROM events", False),
+        ("SELECT DISTINCT action FROM events", False),
+        ("SELECT * FROM events LIMIT 3", False),
+        ("SELECT * FROM events, log", False),
+        ("SELECT * FROM events JOIN log USING (id)", False),
+        ("SELECT * FROM entities", False),
+        ("SELECT * FROM events WHERE tx > (SELECT max(tx) - 2 FROM log)", False),
+        ("SELECT * FROM events WHERE valid_time > now()", False),
+        ("SELECT *, row_number() OVER () FROM events", False),
+        ("SELECT * FROM events UNION ALL SELECT * FROM events", False),
+        ("SELECT * FROM events QUALIFY true", False),
+    ],
+)
+def test_incremental_detection_is_conservative(sql: str, expected: bool) -> None:
+    assert v.incremental(sql) is expected
+
+
+# ---------------------------------------------------------------------------------- property
+SHAPES = {
+    # name: (view definitions in order, oracle over the log with no views)
+    "filter": (
+        [("big", "SELECT data->>'account' AS account, (data->>'amount')::BIGINT AS amount, tx "
+                 "FROM events WHERE action = 'deposited' AND (data->>'amount')::BIGINT >= 3")],
+        "SELECT data->>'account' AS account, (data->>'amount')::BIGINT AS amount, tx "
+        "FROM events WHERE action = 'deposited' AND (data->>'amount')::BIGINT >= 3",
+    ),
+    "aggregate": (
+        [("totals", "SELECT data->>'account' AS account, count(*) AS n, sum((data->>'amount')::BIGINT) "
+                    "AS total FROM events WHERE action = 'deposited' GROUP BY ALL")],
+        "SELECT data->>'account' AS account, count(*) AS n, sum((data->>'amount')::BIGINT) AS total "
+        "FROM events WHERE action = 'deposited' GROUP BY ALL",
+    ),
+    "latest": (
+        [("latest", "SELECT e, state->>'amount' AS amount FROM entities")],
+        "SELECT e, state->>'amount' AS amount FROM entities",
+    ),
+    "latest_event": (
+        [("last_dep", "SELECT data->>'account' AS account, arg_max(data->>'amount', tx) AS amount "
+                      "FROM events WHERE action = 'deposited' GROUP BY ALL")],
+        "SELECT data->>'account' AS account, arg_max(data->>'amount', tx) AS amount "
+        "FROM events WHERE action = 'deposited' GROUP BY ALL",
+    ),
+    "join": (
+        [("counts", "SELECT data->>'account' AS account, count(*) AS n FROM events "
+                    "WHERE action = 'deposited' GROUP BY ALL"),
+         ("joined", "SELECT c.account, c.n, l.amount FROM counts c JOIN "
+                    "(SELECT e, state->>'amount' AS amount FROM entities) l ON l.e = c.account")],
+        "WITH counts AS (SELECT data->>'account' AS account, count(*) AS n FROM events "
+        "WHERE action = 'deposited' GROUP BY ALL) SELECT c.account, c.n, l.amount FROM counts c JOIN "
+        "(SELECT e, state->>'amount' AS amount FROM entities) l ON l.e = c.account",
+    ),
+}
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.sampled_from(["a", "b", "c"]), st.integers(0, 9)),
+        st.just(("seal",)),
+        st.just(("rebuild",)),
+    ),
+    min_size=1, max_size=14,
+)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.sampled_from(sorted(SHAPES)), program=steps)
+def test_materialized_view_equals_its_sql_over_the_log(
+    tmp_path_factory: pytest.TempPathFactory, shape: str, program: list[tuple[Any, ...]]
+) -> None:
+    lg = Ledger.open(tmp_path_factory.mktemp("prop") / "data", seal_every=1000)
+    try:
+        defs, oracle = SHAPES[shape]
+        deposit(lg, "a", 1)
+        for name, sql in defs:
+            v.define_view(lg, name, sql)
+        view = defs[-1][0]
+        for step in program:
+            if step[0] == "append":
+                deposit(lg, step[1], step[2])
+            elif step[0] == "seal":
+                lg.seal()
+            else:
+                v.rebuild(lg, view)
+        for t in range(1, lg.head.tx + 1):
+            got = v.rows(lg, view, as_of=t) if view in v.definitions(lg, as_of=t) else None
+            if got is not None:
+                assert sorted_rows(got) == sorted_rows(lg.sql(oracle, as_of=t)), (shape, t)
+    finally:
+        lg.close()
