@@ -38,7 +38,8 @@ def machine() -> dict[str, object]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "python": platform.python_version(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1),
+            "python": platform.python_version(),
             "date": datetime.now(UTC).isoformat(), "load_avg": os.getloadavg()}
 
 

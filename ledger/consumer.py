@@ -313,8 +313,11 @@ class Consumer:
         what we already stored was recreated (or the broker lost its log): waiting for it to grow
         would skip its first records. After LOG_END_GRACE_S, start a new generation."""
         now = time.monotonic()
+        assigned = kafka.assignment()  # during a rebalance, less than status.assigned
         for st in list(self.status.assigned.values()):
             tp = TopicPartition(st.topic, st.partition)
+            if tp not in assigned:
+                continue  # highwater() would raise
             hw = kafka.highwater(tp)
             if hw is None:
                 continue

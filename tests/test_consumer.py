@@ -346,7 +346,7 @@ async def test_rebalance_in_the_middle_of_appends_loses_and_duplicates_nothing(
         await produce(broker.bootstrap, second, phase("second", 2_000), partition=None, partitions=2)
         await eventually(lambda: consumer.status.records >= 32_000 and all(
             p["lag"] == 0 for p in consumer.status.as_dict()["partitions"]) and len(
-            consumer.status.assigned) == 5, 90, "everything")
+            consumer.status.assigned) == 5, 45, "everything")
         await asyncio.sleep(0.5)
     rows = ledger.sql(
         "SELECT kafka_topic AS t, kafka_partition AS p, list(kafka_offset ORDER BY tx, seq) AS o "
