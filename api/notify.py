@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ledger import Ledger, TxReport
+    from ledger.records import NewRecord
 
 
 class Notifier:
@@ -25,7 +28,7 @@ class Notifier:
         self._remove()
         self._event.set()
 
-    def _from_writer(self, report: TxReport) -> None:
+    def _from_writer(self, report: TxReport, stored: Sequence[NewRecord]) -> None:
         self._loop.call_soon_threadsafe(self._bump, report.tx)
 
     def _bump(self, tx: int) -> None:
@@ -46,49 +49,41 @@ class Notifier:
 
 
 class ChildWatcher:
-    """Resolves sync-command waiters when an event whose parent is their command lands.
+    """Resolves sync-command waiters when an event whose parent is their command is committed.
 
-    One query per commit covers every waiter, however many there are.
+    The writer's listener hands over each tx's records, so no query is needed per commit.
     """
 
-    def __init__(self, ledger: Ledger, notifier: Notifier) -> None:
-        self.ledger = ledger
-        self.notifier = notifier
+    def __init__(self, ledger: Ledger) -> None:
+        self._loop = asyncio.get_running_loop()
         self._waiters: dict[str, asyncio.Future[list[str]]] = {}
-        self._seen = ledger.head.tx
-        self._task = asyncio.create_task(self._run())
+        self._remove = ledger.add_listener(self._from_writer)
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._remove()
         for fut in self._waiters.values():
             fut.cancel()
 
     def register(self, command_id: str) -> asyncio.Future[list[str]]:
-        fut: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[str]] = self._loop.create_future()
         self._waiters[command_id] = fut
         return fut
 
     def forget(self, command_id: str) -> None:
         self._waiters.pop(command_id, None)
 
-    async def _run(self) -> None:
-        while True:
-            await self.notifier.wait_past(self._seen, timeout=3600)
-            upto = self.notifier.tx
-            if self._waiters:
-                found = await asyncio.to_thread(self._children, self._seen, upto, list(self._waiters))
-                for parent, ids in found.items():
-                    fut = self._waiters.pop(parent, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(ids)
-            self._seen = upto
+    def _from_writer(self, report: TxReport, stored: Sequence[NewRecord]) -> None:
+        if not self._waiters:
+            return
+        found: dict[str, list[str]] = {}
+        for r in stored:
+            if r.kind == "event" and r.parent in self._waiters:
+                found.setdefault(r.parent, []).append(r.id)
+        if found:
+            self._loop.call_soon_threadsafe(self._resolve, found)
 
-    def _children(self, after: int, upto: int, parents: list[str]) -> dict[str, list[str]]:
-        rows: list[dict[str, Any]] = self.ledger.sql(
-            "SELECT parent, list(id ORDER BY tx, seq) AS ids FROM events "
-            "WHERE tx > $after AND parent IN (SELECT unnest($parents::VARCHAR[])) GROUP BY parent",
-            as_of=upto, params={"after": after, "parents": parents},
-        ).to_pylist()
-        return {r["parent"]: r["ids"] for r in rows}
+    def _resolve(self, found: dict[str, list[str]]) -> None:
+        for parent, ids in found.items():
+            fut = self._waiters.pop(parent, None)
+            if fut is not None and not fut.done():
+                fut.set_result(ids)

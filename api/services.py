@@ -88,7 +88,7 @@ class Services:
             extra = (SCHEMAS, *extra)
         self.schemas = SchemaRegistry(s.data_dir / "schemas", strict=s.strict, extra_dirs=extra)
         self.notifier = Notifier(self.ledger)
-        self.children = ChildWatcher(self.ledger, self.notifier)
+        self.children = ChildWatcher(self.ledger)
         self.consumer = Consumer(
             self.ledger, bootstrap=self.bootstrap, group=s.group,
             topics=(s.commands_topic, s.events_topic), fetch_max_wait_ms=s.fetch_max_wait_ms,

@@ -180,7 +180,8 @@ class Consumer:
         max_value_bytes: int = 1 << 20, fetch_max_wait_ms: int = 100,
         kafka_options: Mapping[str, Any] | None = None,
     ) -> None:
-        """`kafka_options` are extra AIOKafkaConsumer settings (default: $LEDGER_KAFKA_OPTIONS)."""
+        """`kafka_options` are extra AIOKafkaConsumer settings (default: $LEDGER_KAFKA_OPTIONS);
+        `max_poll_records` among them also lowers `max_batch`, the most records per transaction."""
         options = dict(kafka_options_from_env() if kafka_options is None else kafka_options)
         fixed = sorted(_FIXED_OPTIONS & set(options))
         if fixed:
@@ -196,7 +197,8 @@ class Consumer:
         self.topics = topics
         self.pattern = pattern
         self.kinds = DEFAULT_KINDS if kinds is None else kinds
-        self.max_batch = max_batch
+        # aiokafka's own name for "records per getmany()" caps the batch (one tx) too.
+        self.max_batch = min(max_batch, int(options.get("max_poll_records") or max_batch))
         self.max_value_bytes = max_value_bytes
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.kafka_options = options

@@ -10,7 +10,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import duckdb
 import pyarrow as pa
@@ -50,6 +50,7 @@ _ARROW = {
     "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"), "BOOLEAN": pa.bool_(), "BLOB": pa.binary(),
 }
 OffsetKey = tuple[str, str, int]  # (consumer, topic, partition)
+Listener: TypeAlias = "Callable[[TxReport, Sequence[NewRecord]], None]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +97,13 @@ class Ledger:
         meta = dict(con.execute("SELECT key, value FROM ledger_meta").fetchall())
         self.rules = Rules(json.loads(meta["entity_path"]), json.loads(meta["deletion"]))
         self._head = self._read_head()
-        self._listeners: list[Callable[[TxReport], None]] = []
+        self._listeners: list[Listener] = []
+        self._tail_records = self._tail_count()
 
-    def add_listener(self, fn: Callable[[TxReport], None]) -> Callable[[], None]:
-        """Call `fn(report)` after every committed append (in the writer's thread); returns a
-        function that removes it. Listeners must be quick and must not raise."""
+    def add_listener(self, fn: Listener) -> Callable[[], None]:
+        """Call `fn(report, stored)` after every committed append, in the writer's thread, with
+        the records the tx stored; returns a function that removes it. Listeners must be quick
+        and must not raise."""
         self._listeners.append(fn)
         return lambda: self._listeners.remove(fn)
 
@@ -387,10 +390,11 @@ class Ledger:
         with self._write_lock:
             if self._closed:
                 raise LedgerError("the ledger is closed")
-            report = self._commit(checked, meta_obj, quarantine, offsets or {})
-            tail = self._tail_count()
+            report, stored = self._commit(checked, meta_obj, quarantine, offsets or {})
+            self._tail_records += len(stored)
+            tail = self._tail_records
         for fn in list(self._listeners):
-            fn(report)
+            fn(report, stored)
         if tail >= self.seal_every:
             self.seal()
         return report
@@ -398,7 +402,7 @@ class Ledger:
     def _commit(
         self, checked: list[NewRecord], meta: dict[str, Any],
         quarantine: Sequence[Quarantined], offsets: Mapping[OffsetKey, OffsetMark],
-    ) -> TxReport:
+    ) -> tuple[TxReport, list[NewRecord]]:
         head = self._head
         tx = head.tx + 1
         # Strictly increasing even if the wall clock steps back.
@@ -453,10 +457,11 @@ class Ledger:
                 con.execute("ROLLBACK")
             raise
         self._head = Head(tx, tx_time, tx_hash)
-        return TxReport(
+        report = TxReport(
             tx=tx, tx_time=tx_time, hash=tx_hash, ids=tuple(r.id for r in stored),
             duplicates=tuple(r.id for r in duplicates), quarantined=len(q_hashes),
         )
+        return report, stored
 
     @staticmethod
     def _record_rows(
@@ -547,6 +552,7 @@ class Ledger:
                 for relation in RELATIONS:
                     con.execute(f"DELETE FROM tail_{relation} WHERE tx BETWEEN {first} AND {last}")
                 con.execute("COMMIT")
+                self._tail_records = self._tail_count()
             except BaseException:
                 with suppress(duckdb.Error):
                     con.execute("ROLLBACK")
