@@ -49,7 +49,10 @@ class Settings:
     produce_timeout: float = 5.0
     # How long a fetch may wait for data. Kafka answers as soon as data arrives, so this mostly
     # bounds idle polling; the bundled broker stalls if a fetch needs longer than this.
-    fetch_max_wait_ms: int = field(default_factory=lambda: int(_env("LEDGER_FETCH_MAX_WAIT_MS", "100")))
+    # Default: 5 ms with the bundled broker (it answers only when the wait expires), else 100 ms.
+    fetch_max_wait_ms: int | None = field(
+        default_factory=lambda: int(w) if (w := os.environ.get("LEDGER_FETCH_MAX_WAIT_MS")) else None
+    )
     demo: bool = False
     partitions: int = 3  # for topics the embedded broker creates
 
@@ -91,7 +94,7 @@ class Services:
         self.children = ChildWatcher(self.ledger)
         self.consumer = Consumer(
             self.ledger, bootstrap=self.bootstrap, group=s.group,
-            topics=(s.commands_topic, s.events_topic), fetch_max_wait_ms=s.fetch_max_wait_ms,
+            topics=(s.commands_topic, s.events_topic), fetch_max_wait_ms=self._fetch_wait(),
         )
         # Kafka may be down: the API still serves reads, answers 503 to commands and /ready
         # reports it, while these tasks keep trying to connect.
@@ -123,6 +126,11 @@ class Services:
                   system=dict(json.loads(r["headers"] or "[]")).get("system"))
             for r in rows
         ]
+
+    def _fetch_wait(self) -> int:
+        if self.settings.fetch_max_wait_ms is not None:
+            return self.settings.fetch_max_wait_ms
+        return 5 if self.broker is not None else 100
 
     async def _keep_producer(self) -> None:
         while not self._stop.is_set():

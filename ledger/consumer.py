@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from ledger.errors import InvalidRecord, LedgerError
+from ledger.fetching import FetchWait
 from ledger.records import OffsetMark, Quarantined, validate
 
 if TYPE_CHECKING:
@@ -291,6 +292,7 @@ class Consumer:
             kafka.subscribe(list(self.topics), listener=Listener())
         self.status.running = True
         stopper = asyncio.ensure_future(stop.wait())
+        waiting = FetchWait(kafka, self.fetch_max_wait_ms)
         try:
             while not stop.is_set():
                 fetch = asyncio.ensure_future(self._fetch(kafka))
@@ -304,6 +306,8 @@ class Consumer:
                 if batch:
                     await self._ingest(kafka, batch, epoch)
                 self._refresh_lag(kafka)
+                waiting.observe(got_records=bool(batch), lagging=any(
+                    (st.lag or 0) > 0 for st in self.status.assigned.values()))
         finally:
             stopper.cancel()
             self.status.running = False

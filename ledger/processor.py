@@ -52,6 +52,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from ledger.fetching import FetchWait
+
 if TYPE_CHECKING:
     from aiokafka.structs import ConsumerRecord
 
@@ -408,6 +410,7 @@ class Processor(Generic[S]):
                 kafka.assign([TopicPartition(self.commands_topic, p) for p in sorted(parts)])
                 self._set_ready()
             stopper = asyncio.ensure_future(stop.wait())
+            waiting = FetchWait(kafka, self.fetch_max_wait_ms)
             try:
                 while not stop.is_set():
                     fetch = asyncio.ensure_future(kafka.getmany(timeout_ms=200, max_records=self.max_batch))
@@ -420,6 +423,7 @@ class Processor(Generic[S]):
                     batch = fetch.result()
                     if batch:
                         await self._handle(kafka, producer, batch)
+                    waiting.observe(got_records=bool(batch), lagging=await _lagging(kafka))
             finally:
                 stopper.cancel()
         finally:
@@ -555,3 +559,12 @@ def command_envelope(
     if user is not None:
         env["user"] = user
     return json.dumps(env, separators=(",", ":")).encode()
+
+
+async def _lagging(kafka: AIOKafkaConsumer) -> bool:
+    """Whether any assigned partition has records past the consumer's position."""
+    for tp in kafka.assignment():
+        hw = kafka.highwater(tp)
+        if hw is not None and hw > await kafka.position(tp):
+            return True
+    return False

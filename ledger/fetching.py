@@ -1,0 +1,40 @@
+"""How long a consumer's fetch may wait at the broker: short for latency, longer when the broker
+cannot answer in time.
+
+Kafka answers a fetch as soon as data arrives, so the wait only bounds idle polls. Some brokers (the
+bundled Tansu) answer only when the wait expires, so a short wait is what keeps latency low — and they
+return nothing at all when reading a large partition takes longer than the wait, which would stall a
+consumer for ever. `FetchWait` starts short and doubles the wait whenever fetches come back empty
+while a partition still has unread records.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("ledger.fetching")
+EMPTY_FETCHES_BEFORE_BACKOFF = 3
+
+
+class FetchWait:
+    def __init__(self, kafka: Any, base_ms: int, cap_ms: int = 2_000) -> None:
+        self._fetcher = getattr(kafka, "_fetcher", None)  # aiokafka reads this per fetch request
+        self.wait_ms = base_ms
+        self.cap_ms = max(cap_ms, base_ms)
+        self._empty = 0
+
+    def observe(self, *, got_records: bool, lagging: bool) -> None:
+        """Call after each poll: whether it returned records, and whether any partition lags."""
+        if got_records or not lagging:
+            self._empty = 0
+            return
+        self._empty += 1
+        if self._empty < EMPTY_FETCHES_BEFORE_BACKOFF or self.wait_ms >= self.cap_ms:
+            return
+        self._empty = 0
+        self.wait_ms = min(self.cap_ms, self.wait_ms * 2)
+        if self._fetcher is not None and hasattr(self._fetcher, "_fetch_max_wait_ms"):
+            self._fetcher._fetch_max_wait_ms = self.wait_ms
+            log.warning("fetches return nothing while records wait; fetch_max_wait_ms is now %s",
+                        self.wait_ms)
