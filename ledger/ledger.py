@@ -70,6 +70,25 @@ def _arrow_table(relation: str, rows: Mapping[str, list[Any]]) -> pa.Table:
     )
 
 
+_SMALL_BATCH = 64  # below this, bound parameters beat building an Arrow table
+
+
+def _insert(con: duckdb.DuckDBPyConnection, relation: str, rows: Mapping[str, list[Any]]) -> None:
+    """Insert column lists into a tail table, in one statement."""
+    n = len(rows["tx"])
+    if n >= _SMALL_BATCH:
+        con.register("_batch", _arrow_table(relation, rows))
+        con.execute(f"INSERT INTO tail_{relation} SELECT * FROM _batch")
+        con.unregister("_batch")
+        return
+    cols = [c for c, _ in RELATIONS[relation]]
+    row = "(" + ", ".join("?" * len(cols)) + ")"
+    con.execute(
+        f"INSERT INTO tail_{relation} VALUES " + ", ".join([row] * n),
+        [rows[c][i] for i in range(n) for c in cols],
+    )
+
+
 def _lock_holder(error: duckdb.Error) -> str:
     m = re.search(r"PID (\d+)", str(error))
     return m.group(1) if m else "unknown"
@@ -358,7 +377,8 @@ class Ledger:
         with self.snapshot() as (cur, _):
             rows = cur.execute(
                 "SELECT topic, partition, next_offset, generation, last_digest FROM offsets "
-                "WHERE consumer = ?", [consumer]
+                "WHERE consumer = ? QUALIFY row_number() OVER (PARTITION BY topic, partition "
+                "ORDER BY tx DESC) = 1", [consumer]
             ).fetchall()
         return {(t, p): OffsetMark(o, g, d) for t, p, o, g, d in rows}
 
@@ -441,15 +461,14 @@ class Ledger:
                 ("transactions", tx_rows),
             ):
                 if rows["tx"]:
-                    batch = _arrow_table(relation, rows)
-                    con.register("_batch", batch)
-                    con.execute(f"INSERT INTO tail_{relation} SELECT * FROM _batch")
-                    con.unregister("_batch")
+                    _insert(con, relation, rows)
             if offsets:
-                con.executemany(
-                    "INSERT OR REPLACE INTO offsets VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [[c, t, p, m.next_offset, m.generation, m.last_digest, tx]
-                     for (c, t, p), m in offsets.items()],
+                values = [[c, t, p, m.next_offset, m.generation, m.last_digest, tx]
+                          for (c, t, p), m in offsets.items()]
+                con.execute(
+                    "INSERT INTO offsets VALUES "
+                    + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(values)),
+                    [v for row in values for v in row],
                 )
             con.execute("COMMIT")
         except BaseException:
@@ -551,6 +570,10 @@ class Ledger:
                 )
                 for relation in RELATIONS:
                     con.execute(f"DELETE FROM tail_{relation} WHERE tx BETWEEN {first} AND {last}")
+                con.execute(
+                    "DELETE FROM offsets o WHERE tx < (SELECT max(tx) FROM offsets l WHERE "
+                    "l.consumer = o.consumer AND l.topic = o.topic AND l.partition = o.partition)"
+                )
                 con.execute("COMMIT")
                 self._tail_records = self._tail_count()
             except BaseException:

@@ -79,12 +79,14 @@ CATALOG_DDL = [
     """CREATE TABLE IF NOT EXISTS segments (
         first_tx BIGINT PRIMARY KEY, last_tx BIGINT NOT NULL, dir VARCHAR NOT NULL,
         records BIGINT NOT NULL, files JSON NOT NULL, sealed_at TIMESTAMPTZ NOT NULL)""",
-    # Where each consumer stands per partition, committed with the records it covers. A topic that
-    # was recreated (offsets went backwards) starts a new generation, which keeps its ids distinct.
+    # Where each consumer stood per partition after each tx, committed with the records it covers
+    # (append-only: the latest row per partition is the position; a seal drops superseded rows).
+    # A topic that was recreated (offsets went backwards) starts a new generation, which keeps
+    # its ids distinct.
     """CREATE TABLE IF NOT EXISTS offsets (
         consumer VARCHAR NOT NULL, topic VARCHAR NOT NULL, partition INTEGER NOT NULL,
         next_offset BIGINT NOT NULL, generation INTEGER NOT NULL, last_digest VARCHAR,
-        tx BIGINT NOT NULL, PRIMARY KEY (consumer, topic, partition))""",
+        tx BIGINT NOT NULL)""",
     *(
         f"CREATE TABLE IF NOT EXISTS tail_{name} ("
         + ", ".join(f"{col} {typ}" for col, typ in cols)
