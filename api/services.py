@@ -54,6 +54,7 @@ class Settings:
         default_factory=lambda: int(w) if (w := os.environ.get("LEDGER_FETCH_MAX_WAIT_MS")) else None
     )
     demo: bool = False
+    embedded_broker: bool = False  # the bootstrap is a bundled broker the caller started
     partitions: int = 3  # for topics the embedded broker creates
 
 
@@ -130,7 +131,7 @@ class Services:
     def _fetch_wait(self) -> int:
         if self.settings.fetch_max_wait_ms is not None:
             return self.settings.fetch_max_wait_ms
-        return 5 if self.broker is not None else 100
+        return 5 if self.broker is not None or self.settings.embedded_broker else 100
 
     async def _keep_producer(self) -> None:
         while not self._stop.is_set():

@@ -388,7 +388,22 @@ def run_serve(args: argparse.Namespace) -> int:
         settings.bootstrap = args.bootstrap
     host = setting(args.host, "LEDGER_HOST", "127.0.0.1")
     port = int(setting(None if args.port is None else str(args.port), "LEDGER_PORT", "8000"))
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    broker = None
+    if not settings.bootstrap:
+        # The embedded default. Started here, in the main thread, so the kernel stops the broker
+        # even if this process is killed outright.
+        from ledger.broker import Broker, create_topics
+
+        broker = Broker().start()
+        create_topics(broker.bootstrap, {settings.commands_topic: settings.partitions,
+                                         settings.events_topic: settings.partitions})
+        settings.bootstrap, settings.embedded_broker = broker.bootstrap, True
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
+                    timeout_graceful_shutdown=10)
+    finally:
+        if broker is not None:
+            broker.stop()
     return OK
 
 

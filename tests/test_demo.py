@@ -84,6 +84,14 @@ def test_sync_transfers_from_concurrent_clients(bank: Server) -> None:
 
 def test_restart_mid_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     srv = Server(tmp_path / "data").start()
+    try:
+        _restart_mid_load(srv)
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.proc.kill()
+
+
+def _restart_mid_load(srv: Server) -> None:
     accepted: list[str] = []
     stop = threading.Event()
 
