@@ -283,11 +283,22 @@ _INFO_LABELS = {
 def add_info(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--bootstrap", metavar="HOST:PORT",
+                        help="also show consumer lag per partition (env LEDGER_KAFKA_BOOTSTRAP)")
+    parser.add_argument("--group", help="consumer group for the lag (env LEDGER_KAFKA_GROUP, default ledger)")
 
 
 def run_info(args: argparse.Namespace) -> int:
+    bootstrap = setting(args.bootstrap, "LEDGER_KAFKA_BOOTSTRAP", "")
+    group = setting(args.group, "LEDGER_KAFKA_GROUP", "ledger")
     with open_snapshot(args) as lg:
         info = lg.info()
+        if bootstrap:
+            import asyncio
+
+            from ledger.consumer import partition_lag
+
+            info["lag"] = asyncio.run(partition_lag(lg, bootstrap=bootstrap, group=group))
     if args.json:
         print(json.dumps(info, default=_json_default))
         return OK
@@ -297,6 +308,9 @@ def run_info(args: argparse.Namespace) -> int:
             value = info[key]
             text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else cell(value)
             print(f"{label.ljust(width)}  {text}")
+    for row in info.get("lag", []):
+        print(f"{'lag ' + row['topic'] + '/' + str(row['partition']):<{width}}  {row['lag']} "
+              f"(next offset {row['next_offset']}, highwater {row['highwater']})")
     return OK
 
 

@@ -217,15 +217,24 @@ class Consumer:
         # comes again (and a stale batch would otherwise look like "offsets went backwards").
         self._lock = asyncio.Lock()
         self._epoch = 0
+        # Offsets stored in the ledger but not yet committed to Kafka (advisory, for tools that
+        # watch the group's lag): a commit that fails (e.g. during a rebalance) is retried later,
+        # or an idle partition would show its old offset in Kafka for ever.
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._commit_retry_at = 0.0
 
     # ------------------------------------------------------------------ partition assignment
     def _on_assigned(self, kafka: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
         self._epoch += 1
         stored = self.ledger.offsets(self.group)
         self.status.assigned = {}
+        # Partitions taken away are someone else's to commit; ours start from the ledger's offsets.
+        self._uncommitted = {tp: o for tp, o in self._uncommitted.items() if tp in assigned}
         for tp in assigned:
             mark = stored.get((tp.topic, tp.partition), OffsetMark(0))
             self._marks[(tp.topic, tp.partition)] = mark
+            if mark.next_offset > 0:
+                self._uncommitted[tp] = mark.next_offset
             self.status.assigned[f"{tp.topic}/{tp.partition}"] = PartitionStatus(
                 tp.topic, tp.partition, mark.next_offset, kafka.highwater(tp), mark.generation
             )
@@ -306,6 +315,8 @@ class Consumer:
                 if batch:
                     await self._ingest(kafka, batch, epoch)
                 self._refresh_lag(kafka)
+                if self._uncommitted and time.monotonic() >= self._commit_retry_at:
+                    await self._commit_to_kafka(kafka)
                 waiting.observe(got_records=bool(batch), lagging=any(
                     (st.lag or 0) > 0 for st in self.status.assigned.values()))
         finally:
@@ -373,13 +384,28 @@ class Consumer:
             s.quarantined += report.quarantined
             s.transactions += 1
             s.last_tx = report.tx
-        # Advisory only (the ledger's offsets are the truth), so bounded: while the broker is
-        # down, aiokafka's commit() waits for a coordinator for ever, and so would shutdown.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(kafka.commit({
-                TopicPartition(t, p): OffsetAndMetadata(m.next_offset, "")
-                for (_, t, p), m in offsets.items()
-            }), timeout=5)
+        for (_, t, p), m in offsets.items():
+            self._uncommitted[TopicPartition(t, p)] = m.next_offset
+        await self._commit_to_kafka(kafka)
+
+    async def _commit_to_kafka(self, kafka: AIOKafkaConsumer) -> None:
+        """Commit the ledger's offsets to Kafka. Advisory only (the ledger's offsets are the truth),
+        so bounded: while the broker is down, aiokafka's commit() waits for a coordinator for ever,
+        and so would shutdown. On failure, retried a second later."""
+        assigned = kafka.assignment()  # empty while a rebalance is under way: keep the rest for later
+        pending = {tp: o for tp, o in self._uncommitted.items() if tp in assigned}
+        if not pending:
+            return
+        try:
+            await asyncio.wait_for(kafka.commit(
+                {tp: OffsetAndMetadata(o, "") for tp, o in pending.items()}), timeout=5)
+        except Exception as e:  # any failure: keep the offsets, retry later
+            log.debug("advisory Kafka commit failed (%s); will retry", e)
+            self._commit_retry_at = time.monotonic() + 1.0
+            return
+        for tp, o in pending.items():
+            if self._uncommitted.get(tp) == o:
+                del self._uncommitted[tp]
 
     def _append(
         self, work: list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]], OffsetMark]]

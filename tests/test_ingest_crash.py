@@ -155,7 +155,7 @@ async def _committed(bootstrap: str, group: str, tps: list[TopicPartition]) -> d
         await kafka.stop()
 
 
-def wait_caught_up(proc: ConsumeProcess, bootstrap: str, group: str,
+def wait_caught_up(proc: ConsumeProcess, data_dir: Path, bootstrap: str, group: str,
                    sent: collections.Counter[tuple[str, int]], timeout: float) -> None:
     tps = [TopicPartition(t, p) for t, p in sent]
     deadline = time.monotonic() + timeout
@@ -166,8 +166,12 @@ def wait_caught_up(proc: ConsumeProcess, bootstrap: str, group: str,
         if all(committed[tp] >= sent[(tp.topic, tp.partition)] for tp in tps):
             return
         time.sleep(0.3)
-    raise AssertionError(f"consumer did not catch up: committed {committed}, sent {dict(sent)}\n"
-                         f"{proc.tail()}")
+    tail = proc.tail()
+    proc.kill()
+    with Ledger.open(data_dir, read_only=True) as lg:
+        stored = {k: m.next_offset for k, m in lg.offsets(group).items()}
+    raise AssertionError(f"consumer did not catch up: committed to Kafka {committed}, stored in the "
+                         f"ledger {stored}, sent {dict(sent)}\n{tail}")
 
 
 def check_prefix(data_dir: Path, group: str) -> int:
@@ -265,7 +269,7 @@ def test_sigkill_at_random_moments_exactly_once(broker: Broker, tmp_path: Path) 
     assert sum(producer.sent.values()) == sum(counts.values())
 
     final = ConsumeProcess(data_dir, broker.bootstrap, group, f"{commands},{events}", log)
-    wait_caught_up(final, broker.bootstrap, group, producer.sent, timeout=60)
+    wait_caught_up(final, data_dir, broker.bootstrap, group, producer.sent, timeout=60)
     assert final.terminate() == 0, final.tail()
     assert_exactly_once(data_dir, producer.sent, counts)
 
@@ -293,6 +297,6 @@ def test_standby_takes_over_when_the_active_consumer_dies(broker: Broker, tmp_pa
     first.kill()
     assert second.assigned.wait(30), second.tail()
     producer.join(60)
-    wait_caught_up(second, broker.bootstrap, group, producer.sent, timeout=60)
+    wait_caught_up(second, data_dir, broker.bootstrap, group, producer.sent, timeout=60)
     assert second.terminate() == 0, second.tail()
     assert_exactly_once(data_dir, producer.sent, counts)

@@ -1,0 +1,32 @@
+"""`ledger info --bootstrap` shows the consumer's lag per partition from a real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ledger import Ledger, OffsetMark
+from ledger.broker import Broker, create_topics_async
+from tests.test_consumer import phase, produce
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def test_info_reports_lag_per_partition(broker: Broker, tmp_path: Path) -> None:
+    await create_topics_async(broker.bootstrap, {"cli-lag": 2})
+    await produce(broker.bootstrap, "cli-lag", phase("a", 12), partition=0)
+    await produce(broker.bootstrap, "cli-lag", phase("b", 5), partition=1)
+    with Ledger.open(tmp_path / "data") as lg:  # as a consumer would: offsets stored with a tx
+        lg.append([], offsets={("cli", "cli-lag", 0): OffsetMark(10), ("cli", "cli-lag", 1): OffsetMark(5)})
+    out = subprocess.run(
+        [sys.executable, "-m", "ledger", "info", "--json", "--data-dir", str(tmp_path / "data"),
+         "--bootstrap", broker.bootstrap, "--group", "cli"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lag = json.loads(out.stdout)["lag"]
+    assert [(r["partition"], r["next_offset"], r["highwater"], r["lag"]) for r in lag] == [
+        (0, 10, 12, 2), (1, 5, 5, 0)]
