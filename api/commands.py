@@ -87,10 +87,11 @@ class CommandController(Controller):
         if waiter is None:
             return Response(body, status_code=202, headers=location)
         try:
-            kids = await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            kids = await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
-            services.children.forget(command["id"])
             return Response({**body, "status": "pending"}, status_code=202, headers=location)
+        finally:  # answered, timed out, or the client went away: no waiter outlives its request
+            services.children.forget(command["id"])
         return Response({**body, "status": "done", "children": kids}, status_code=201, headers=location)
 
     @get("/")

@@ -72,6 +72,10 @@ class ChildWatcher:
     def forget(self, command_id: str) -> None:
         self._waiters.pop(command_id, None)
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     def _from_writer(self, report: TxReport, stored: Sequence[NewRecord]) -> None:
         if not self._waiters:
             return

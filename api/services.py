@@ -202,7 +202,7 @@ class Services:
             "broker": self.producer is not None and bool(self.producer.client.cluster.brokers()),
         }
         return {"ready": all(checks.values()), "checks": checks, "tx": self.ledger.head.tx,
-                "consumer": status}
+                "sync_waiters": self.children.waiting, "consumer": status}
 
 
 @contextlib.asynccontextmanager

@@ -285,3 +285,15 @@ def test_temporal_reads_over_http(server: Server) -> None:
     assert tx["tx"] == 1 and len(tx["hash"]) == 64 and tx["records"]
     page = httpx.get(server.url + "/tx", params={"limit": 2}).json()
     assert [t["tx"] for t in page["items"]] == [1, 2] and page["next_cursor"] == 2
+
+
+def test_sync_waiters_never_leak(server: Server) -> None:
+    # No processor answers "nobody-answers": the wait times out with 202 pending.
+    resp = post_command(server, {"action": "nobody-answers", "data": {}}, sync="true", timeout=0.3)
+    assert resp.status_code == 202 and resp.json()["status"] == "pending"
+    assert resp.headers["location"] == f"/commands/{resp.json()['id']}"
+    # A client that gives up mid-wait leaves nothing behind either.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/commands", params={"sync": "true", "timeout": 5},
+                   json={"action": "nobody-answers", "data": {}}, timeout=0.3)
+    wait_for(lambda: httpx.get(server.url + "/ready").json()["sync_waiters"] == 0, timeout=10)
