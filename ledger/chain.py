@@ -7,8 +7,9 @@ redaction of one field can keep its field hash and leave the chain verifiable.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -17,9 +18,12 @@ if TYPE_CHECKING:
 GENESIS = "0" * 64
 
 
+# Canonical bytes for hashing: compact JSON, object keys sorted, UTF-8, integers of any size.
+_canonical = msgspec.json.Encoder(order="sorted").encode
+
+
 def _h(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_canonical(value)).hexdigest()
 
 
 def _instant(value: datetime | None) -> str | None:

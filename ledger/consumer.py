@@ -51,6 +51,7 @@ _FIXED_OPTIONS = frozenset({"group_id", "enable_auto_commit", "auto_offset_reset
 # The grace covers a new Kafka leader whose highwater briefly lags behind the old one's: a false
 # "replaced" would re-ingest the whole partition as a new generation.
 LOG_END_GRACE_S = 3.0
+MAX_JSON_DEPTH = 128  # containers in a value; deeper ones are quarantined (see decode)
 
 
 def kafka_options_from_env() -> dict[str, Any]:
@@ -109,6 +110,20 @@ class ConsumerStatus:
         }
 
 
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether JSON `value` has containers nested more than `limit` deep (without recursing)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children)
+    return False
+
+
 def message_digest(msg: ConsumerRecord[bytes, bytes]) -> str:
     """Identity of one Kafka message, to recognise it again after a rebalance or broker restart."""
     h = hashlib.sha256()
@@ -144,6 +159,12 @@ def decode(
         env = json.loads(text)
     except ValueError as e:
         return reject(f"value is not JSON: {e}")
+    except RecursionError:
+        return reject(f"value nests deeper than {MAX_JSON_DEPTH} levels")
+    # Hashing, validation and reads recurse once per level: a deeper value would raise in
+    # append() and stop ingestion at this message for ever.
+    if value.count(b"[") + value.count(b"{") > MAX_JSON_DEPTH and _nests_deeper(env, MAX_JSON_DEPTH):
+        return reject(f"value nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(env, dict):
         return reject(f"value is a JSON {type(env).__name__}, not an object")
     action = env.get("action")
@@ -319,6 +340,9 @@ class Consumer:
                     await self._commit_to_kafka(kafka)
                 waiting.observe(got_records=bool(batch), lagging=any(
                     (st.lag or 0) > 0 for st in self.status.assigned.values()))
+        except Exception as e:
+            self.status.last_error = f"{type(e).__name__}: {e}"  # for `ledger info` and /ready
+            raise
         finally:
             stopper.cancel()
             self.status.running = False

@@ -32,6 +32,7 @@ from ledger.records import (
     Transaction,
     TxReport,
     VerifyReport,
+    check_json,
     dumps,
     validate,
 )
@@ -402,8 +403,8 @@ class Ledger:
         checked = [validate(i, r) for i, r in enumerate(records)]
         meta_obj = dict(meta or {})
         try:
-            dumps(meta_obj)
-        except (TypeError, ValueError) as e:
+            check_json(meta_obj, "meta")
+        except ValueError as e:
             raise LedgerError(f"meta must be a JSON object: {e}") from e
         if self.read_only:
             raise ReadOnly("this ledger was opened read-only")
@@ -486,31 +487,35 @@ class Ledger:
     def _record_rows(
         stored: list[NewRecord], tx: int, tx_time: datetime
     ) -> tuple[dict[str, list[Any]], list[str]]:
-        rows: dict[str, list[Any]] = {c: [] for c, _ in RELATIONS["records"]}
-        hashes = []
-        for seq, r in enumerate(stored):
-            valid_time = r.valid_time or tx_time
-            h = chain.record_hash(
+        n = len(stored)
+        valid = [r.valid_time or tx_time for r in stored]
+        hashes = [
+            chain.record_hash(
                 id=r.id, kind=r.kind, action=r.action, parent=r.parent, data=r.data,
-                valid_time=valid_time, key=r.key, headers=r.headers, topic=r.topic,
+                valid_time=vt, key=r.key, headers=r.headers, topic=r.topic,
                 partition=r.partition, offset=r.offset, kafka_timestamp=r.kafka_timestamp,
             )
-            hashes.append(h)
-            for c, v in (
-                ("tx", tx), ("seq", seq), ("id", r.id), ("kind", r.kind), ("action", r.action),
-                ("parent", r.parent), ("data", r.data_json), ("valid_time", valid_time),
-                ("tx_time", tx_time), ("key", r.key),
-                ("headers", dumps([list(h) for h in r.headers]) if r.headers else None),
-                ("kafka_topic", r.topic), ("kafka_partition", r.partition),
-                ("kafka_offset", r.offset), ("kafka_timestamp", r.kafka_timestamp), ("hash", h),
-            ):
-                rows[c].append(v)
+            for r, vt in zip(stored, valid, strict=True)
+        ]
+        rows: dict[str, list[Any]] = {
+            "tx": [tx] * n, "seq": list(range(n)), "id": [r.id for r in stored],
+            "kind": [r.kind for r in stored], "action": [r.action for r in stored],
+            "parent": [r.parent for r in stored], "data": [r.data_json for r in stored],
+            "valid_time": valid, "tx_time": [tx_time] * n, "key": [r.key for r in stored],
+            "headers": [dumps([list(h) for h in r.headers]) if r.headers else None for r in stored],
+            "kafka_topic": [r.topic for r in stored], "kafka_partition": [r.partition for r in stored],
+            "kafka_offset": [r.offset for r in stored],
+            "kafka_timestamp": [r.kafka_timestamp for r in stored], "hash": hashes,
+        }
         return rows, hashes
 
     def _datom_rows(
         self, con: duckdb.DuckDBPyConnection, stored: list[NewRecord], tx: int, tx_time: datetime
     ) -> dict[str, list[Any]]:
         rows: dict[str, list[Any]] = {c: [] for c, _ in RELATIONS["datoms"]}
+        es, as_, vs, ops, seqs, valid, rids = (
+            rows["e"], rows["a"], rows["v"], rows["op"], rows["seq"], rows["valid_time"], rows["record_id"]
+        )
         pending: dict[str, dict[str, bool]] = {}  # this tx's effect so far: e -> {a: asserted?}
 
         def current(e: str) -> set[str]:
@@ -522,14 +527,18 @@ class Ledger:
         for seq, r in enumerate(stored):
             if r.kind != "event":
                 continue
+            vt = r.valid_time or tx_time
             for e, a, v, op in derive(self.rules, r.action, r.data, current):
                 pending.setdefault(e, {})[a] = op
-                for c, x in (
-                    ("e", e), ("a", a), ("v", None if v is None else dumps(v)), ("op", op),
-                    ("tx", tx), ("seq", seq), ("tx_time", tx_time),
-                    ("valid_time", r.valid_time or tx_time), ("record_id", r.id),
-                ):
-                    rows[c].append(x)
+                es.append(e)
+                as_.append(a)
+                vs.append(None if v is None else dumps(v))
+                ops.append(op)
+                seqs.append(seq)
+                valid.append(vt)
+                rids.append(r.id)
+        rows["tx"] = [tx] * len(es)
+        rows["tx_time"] = [tx_time] * len(es)
         return rows
 
     def _attributes(self, con: duckdb.DuckDBPyConnection, e: str) -> list[str]:

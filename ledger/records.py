@@ -5,7 +5,6 @@ Everything here is plain Python; pyarrow and DuckDB types appear only in `ledger
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -14,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import msgspec
 
 from ledger.errors import InvalidRecord, InvalidTime
 
@@ -176,12 +177,20 @@ def _text(value: str, what: str) -> str:
     return value
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def dumps(value: JSON) -> str:
-    """Compact JSON that keeps key order and non-ASCII text; refuses NaN and infinities."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    """Compact JSON that keeps key order and non-ASCII text. Values must already be checked
+    (`check_json`): the encoder would write NaN as null."""
+    try:
+        text: str = _encode(value).decode()
+    except (TypeError, msgspec.EncodeError) as e:
+        raise ValueError(str(e)) from e
+    return text
 
 
-def _check_json(value: object, path: str) -> None:
+def check_json(value: object, path: str) -> None:
     if value is None or isinstance(value, (bool, int)):
         return
     if isinstance(value, str):
@@ -195,11 +204,11 @@ def _check_json(value: object, path: str) -> None:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ValueError(f"{path} has a non-string key {k!r}")
-            _check_json(v, f"{path}.{_text(k, f'{path} key')}")
+            check_json(v, f"{path}.{_text(k, f'{path} key')}")
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _check_json(v, f"{path}[{i}]")
+            check_json(v, f"{path}[{i}]")
         return
     raise ValueError(f"{path} is a {type(value).__name__}, which is not a JSON value")
 
@@ -261,7 +270,7 @@ def validate(index: int, rec: object) -> NewRecord:
         data = rec.get("data")
         if not isinstance(data, Mapping):
             raise ValueError(f"must be a JSON object, got {type(data).__name__}")
-        _check_json(data, "data")
+        check_json(data, "data")
         data = dict(data)
         name = "id"
         raw_id = rec.get("id")

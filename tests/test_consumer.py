@@ -95,13 +95,20 @@ BAD = {
     "empty action": (b'{"action": "", "data": {"n": 1}}', "field 'action' must be a non-empty string"),
     "data not an object": (b'{"action": "deposit", "data": [1, 2]}', "field 'data' must be a JSON object"),
     "missing data": (b'{"action": "deposit"}', "field 'data' must be a JSON object"),
-    "oversized": (env(data={"blob": "x" * 5000}), "value is 50"),
+    "oversized": (env(data={"blob": "x" * 20_000}), "value is 200"),
     "tombstone": (None, "message has no value (a tombstone)"),
     "invalid id": (env(id="not-a-uuid"), "field 'id': 'not-a-uuid' is not a UUID"),
     "id not a string": (env(id=12), "field 'id': must be a UUID"),
     "naive timestamp": (env(timestamp="2024-01-01T00:00:00"), "field 'timestamp':"),
     "NaN in data": (b'{"action": "deposit", "data": {"n": NaN}}', "field 'data': data.n is nan"),
     "lone surrogate": (b'{"action": "deposit", "data": {"n": "\\ud800"}}', "field 'data':"),
+    # Deeper than Python's recursion limit: json.loads raised RecursionError, which stopped the
+    # consumer at this message for ever (every restart re-read it).
+    "nested 5,000 deep": (b'{"action": "deposit", "data": {"n": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+                          "value nests deeper than 128 levels"),
+    # Parses, but hashing and validation recurse per level: the limit keeps append() safe.
+    "nested 200 deep": (b'{"action": "deposit", "data": {"n": ' + b"[" * 200 + b"]" * 200 + b"}}",
+                        "value nests deeper than 128 levels"),
 }
 
 
@@ -122,7 +129,7 @@ async def test_bad_input_is_quarantined_with_provenance_and_ingestion_goes_on(
     await produce(broker.bootstrap, topic, values, keys=keys, headers=[("source", b"test")])
 
     consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="bad", topics=(topic,),
-                        kinds={topic: "command"}, max_value_bytes=4096, kafka_options=FAST)
+                        kinds={topic: "command"}, max_value_bytes=16_384, kafka_options=FAST)
     async with running(consumer):
         await eventually(lambda: consumer.status.records + consumer.status.quarantined >= len(values),
                          30, "the batch")
