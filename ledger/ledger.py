@@ -74,18 +74,21 @@ def _arrow_table(relation: str, rows: Mapping[str, list[Any]]) -> pa.Table:
 _SMALL_BATCH = 64  # below this, bound parameters beat building an Arrow table
 
 
-def _insert(con: duckdb.DuckDBPyConnection, relation: str, rows: Mapping[str, list[Any]]) -> None:
-    """Insert column lists into a tail table, in one statement."""
+def _insert(
+    con: duckdb.DuckDBPyConnection, relation: str, rows: Mapping[str, list[Any]], table: str | None = None
+) -> None:
+    """Insert column lists into a tail table (or `table`, of the same columns), in one statement."""
+    table = table or f"tail_{relation}"
     n = len(rows["tx"])
     if n >= _SMALL_BATCH:
         con.register("_batch", _arrow_table(relation, rows))
-        con.execute(f"INSERT INTO tail_{relation} SELECT * FROM _batch")
+        con.execute(f"INSERT INTO {table} SELECT * FROM _batch")
         con.unregister("_batch")
         return
     cols = [c for c, _ in RELATIONS[relation]]
     row = "(" + ", ".join("?" * len(cols)) + ")"
     con.execute(
-        f"INSERT INTO tail_{relation} VALUES " + ", ".join([row] * n),
+        f"INSERT INTO {table} VALUES " + ", ".join([row] * n),
         [rows[c][i] for i in range(n) for c in cols],
     )
 
@@ -113,10 +116,14 @@ class Ledger:
         self.note = note
         self._con = con
         self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._closed = False
         meta = dict(con.execute("SELECT key, value FROM ledger_meta").fetchall())
         self.rules = Rules(json.loads(meta["entity_path"]), json.loads(meta["deletion"]))
         self._head = self._read_head()
+        # The entity index is complete only in the writer's own database file.
+        self.indexed = not read_only
         self._listeners: list[Listener] = []
         self._tail_records = self._tail_count()
 
@@ -168,6 +175,7 @@ class Ledger:
             con.close()
             raise
         ledger._write_manifest()
+        ledger._fill_entity_index()
         _confine(con, root)
         return ledger
 
@@ -252,6 +260,9 @@ class Ledger:
         if not self._closed:
             with self._write_lock:
                 self._closed = True
+                for cur in self._cursors:
+                    with suppress(duckdb.Error):
+                        cur.close()
                 self._con.close()
 
     def __enter__(self) -> Ledger:
@@ -265,6 +276,18 @@ class Ledger:
         return f"<Ledger {str(self.root)!r} {mode} tx={self._head.tx}>"
 
     # ------------------------------------------------------------------------------------ reads
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """This thread's own cursor, for single-statement reads (each is atomic on its own)."""
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
+        if cur is None:
+            cur = self._con.cursor()
+            cur.execute("SET TimeZone = 'UTC'")
+            self._local.cursor = cur
+            self._cursors.append(cur)
+        return cur
+
     @contextmanager
     def snapshot(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, dict[str, list[str]]]]:
         """A cursor inside one DuckDB transaction, with the segment files that snapshot sees.
@@ -463,6 +486,8 @@ class Ledger:
             ):
                 if rows["tx"]:
                     _insert(con, relation, rows)
+            if datom_rows["tx"]:
+                _insert(con, "datoms", datom_rows, table="entity_index")
             if offsets:
                 values = [[c, t, p, m.next_offset, m.generation, m.last_digest, tx]
                           for (c, t, p), m in offsets.items()]
@@ -543,14 +568,19 @@ class Ledger:
 
     def _attributes(self, con: duckdb.DuckDBPyConnection, e: str) -> list[str]:
         """Attributes entity e has now (committed state; used to expand deletions)."""
-        dirs = [r[0] for r in con.execute("SELECT dir FROM segments ORDER BY first_tx").fetchall()]
-        files = [str(self.root / seg.SEGMENTS_DIR / d / "datoms.parquet") for d in dirs]
-        rows = con.execute(
-            f"SELECT a FROM ({union_sql('datoms', files, where='e = $e')}) "
-            "QUALIFY row_number() OVER (PARTITION BY a ORDER BY tx DESC, seq DESC) = 1 AND op",
-            {"e": e},
-        ).fetchall()
-        return [r[0] for r in rows]
+        rows = con.execute("SELECT a, op, tx, seq FROM entity_index WHERE e = $e", {"e": e}).fetchall()
+        latest = {a: op for a, op, _tx, _seq in sorted(rows, key=lambda r: (r[2], r[3]))}
+        return sorted(a for a, op in latest.items() if op)
+
+    def _fill_entity_index(self) -> None:
+        """Build the entity index from the stored datoms if it is missing (older data dirs)."""
+        con = self._con
+        if self._head.tx == 0 or con.execute("SELECT count(*) FROM entity_index").fetchone() != (0,):
+            return
+        with self.snapshot() as (cur, files):
+            has = cur.execute(f"SELECT count(*) FROM ({union_sql('datoms', files['datoms'])})").fetchone()
+        if has != (0,):
+            con.execute(f"INSERT INTO entity_index {union_sql('datoms', files['datoms'])}")
 
     def _tail_count(self) -> int:
         row = self._con.execute("SELECT count(*) FROM tail_records").fetchone()

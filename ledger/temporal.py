@@ -7,7 +7,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -165,18 +165,34 @@ class Database:
     def _with_valid(self, valid_at: datetime | str | None) -> Pin:
         return self.pin if valid_at is None else replace(self.pin, valid_at=to_utc(valid_at, "valid_at"))
 
+    def _datoms_of(self, e: str, pin: Pin) -> list[tuple[Any, ...]]:
+        """(a, v, op, tx, seq, valid_us, tx_time, record_id) of one entity within `pin`, in
+        (tx, seq, a) order; valid_us is the valid time in epoch microseconds. The writer looks
+        them up in its entity index (one statement: atomic without a snapshot); others scan."""
+        cols = "a, v, op, tx, seq, epoch_us(valid_time), tx_time, record_id"
+        if self._ledger.indexed:
+            # Only `e = ?`: any other predicate keeps DuckDB from using the index.
+            rows = self._ledger.cursor().execute(
+                f"SELECT {cols} FROM entity_index WHERE e = $e", {"e": str(e)}
+            ).fetchall()
+        else:
+            with self._ledger.snapshot() as (cur, files):
+                source = union_sql("datoms", files["datoms"], where="e = $e")
+                rows = cur.execute(f"SELECT {cols} FROM ({source})", {"e": str(e)}).fetchall()
+        lo = -1 if pin.since is None else pin.since
+        vt = None if pin.valid_at is None else _epoch_us(pin.valid_at)
+        kept = [r for r in rows if lo < r[3] <= pin.basis and (vt is None or r[5] <= vt)]
+        kept.sort(key=lambda r: (r[3], r[4], r[0]))
+        return kept
+
     def entity(self, e: str, *, valid_at: datetime | str | None = None) -> dict[str, Any] | None:
         """The entity's attributes, or None when it has none (never seen, or deleted)."""
         pin = self._with_valid(valid_at)
-        with self._ledger.snapshot() as (cur, files):
-            datoms = union_sql("datoms", files["datoms"], where="e = $e AND " + pin.where())
-            rows = cur.execute(
-                f"SELECT a, v FROM ({datoms}) "
-                f"QUALIFY row_number() OVER (PARTITION BY a ORDER BY {pin.latest_first}) = 1 "
-                "AND op ORDER BY a",
-                {"e": str(e)},
-            ).fetchall()
-        return {a: json.loads(v) for a, v in rows} or None
+        rows = self._datoms_of(e, pin)
+        if pin.valid_at is not None:  # the latest in valid time wins; ties in tx order
+            rows.sort(key=lambda r: (r[5], r[3], r[4]))
+        latest = {r[0]: r for r in rows}
+        return {a: json.loads(r[1]) for a, r in sorted(latest.items()) if r[2]} or None
 
     def history(
         self, e: str, *, since: TimePoint | None = None, until: TimePoint | None = None
@@ -188,18 +204,10 @@ class Database:
             pin = replace(pin, since=lower if pin.since is None else max(pin.since, lower))
         if until is not None:
             pin = replace(pin, basis=min(pin.basis, self._ledger.resolve(until)))
-        with self._ledger.snapshot() as (cur, files):
-            rows = cur.execute(
-                "SELECT e, a, v, tx, tx_time, op, valid_time, record_id FROM "
-                f"({union_sql('datoms', files['datoms'], where='e = $e AND ' + pin.where())}) "
-                "ORDER BY tx, seq, a",
-                {"e": str(e)},
-            ).fetchall()
         return [
-            Datom(e=r[0], a=r[1], v=None if r[2] is None else json.loads(r[2]), tx=r[3],
-                  tx_time=r[4].astimezone(UTC), op=r[5], valid_time=r[6].astimezone(UTC),
-                  record_id=r[7])
-            for r in rows
+            Datom(e=e, a=a, v=None if v is None else json.loads(v), tx=tx,
+                  tx_time=tt.astimezone(UTC), op=op, valid_time=_from_epoch_us(vt), record_id=rid)
+            for a, v, op, tx, _seq, vt, tt, rid in self._datoms_of(e, pin)
         ]
 
     def sql(
@@ -264,3 +272,14 @@ def check_time_point(t: object, what: str) -> int | datetime:
             raise InvalidTime(f"{what}: tx numbers start at 0, got {t}")
         return t
     return to_utc(t, what)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _epoch_us(t: datetime) -> int:
+    return (t - _EPOCH) // timedelta(microseconds=1)
+
+
+def _from_epoch_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)

@@ -52,8 +52,7 @@ STATUS_FILE = "status.json"
 NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # Names a view may not take: the relations, and the catalog's own tables.
 RESERVED = frozenset(RELATIONS) | {
-    re.match(r"CREATE TABLE IF NOT EXISTS (\w+)", ddl).group(1)  # type: ignore[union-attr]
-    for ddl in CATALOG_DDL
+    m.group(1) for ddl in CATALOG_DDL if (m := re.match(r"CREATE \w+ IF NOT EXISTS (\w+)", ddl))
 }
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _AS_OF_VIEW = re.compile(r"(?P<name>[a-z_][a-z0-9_]*)__as_of_(?P<tx>\d+)")

@@ -269,6 +269,7 @@ def test_sigkill_at_random_moments_exactly_once(broker: Broker, tmp_path: Path) 
     assert sum(producer.sent.values()) == sum(counts.values())
 
     final = ConsumeProcess(data_dir, broker.bootstrap, group, f"{commands},{events}", log)
+    assert final.assigned.wait(30), final.tail()  # (and its SIGTERM handler is installed)
     wait_caught_up(final, data_dir, broker.bootstrap, group, producer.sent, timeout=60)
     assert final.terminate() == 0, final.tail()
     assert_exactly_once(data_dir, producer.sent, counts)

@@ -87,6 +87,11 @@ CATALOG_DDL = [
         consumer VARCHAR NOT NULL, topic VARCHAR NOT NULL, partition INTEGER NOT NULL,
         next_offset BIGINT NOT NULL, generation INTEGER NOT NULL, last_digest VARCHAR,
         tx BIGINT NOT NULL)""",
+    # Every datom ever, indexed by entity: as-of entity reads are point lookups. Derived data
+    # (rebuildable from the records); the sealed datoms also live in Parquet for outside readers.
+    "CREATE TABLE IF NOT EXISTS entity_index ("
+    + ", ".join(f"{col} {typ}" for col, typ in RELATIONS["datoms"]) + ")",
+    "CREATE INDEX IF NOT EXISTS entity_index_e ON entity_index (e)",
     *(
         f"CREATE TABLE IF NOT EXISTS tail_{name} ("
         + ", ".join(f"{col} {typ}" for col, typ in cols)
