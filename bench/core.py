@@ -16,7 +16,7 @@ on the record id (what makes the ledger's append exactly-once) and a B-tree on (
 as-of lookup unnests the JSON of that entity's events with tx <= t and keeps the latest value per
 attribute (a null is a retraction), which is the ledger's datom rule.
 
-    python bench/core.py --records 100000 --seal-every 25000     # smoke (~1 minute)
+    python bench/core.py --records 100000 --seal-every 25000     # smoke (~5 minutes)
     python bench/core.py --records 1000000
     python bench/core.py                                           # 10M records, ~1M entities
 
@@ -34,6 +34,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import socket
 import sqlite3
 import statistics
@@ -763,7 +764,8 @@ def main() -> None:
     ap.add_argument("--rebuild-repeat", type=int, default=None, help="default: 2, or 1 from 5M records")
     ap.add_argument("--sqlite-synchronous", default="FULL", choices=["FULL", "NORMAL"])
     ap.add_argument("--query-timeout", type=float, default=900.0, help="peer aggregation/rebuild limit, s")
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ledger-bench-core")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="default: a fresh temp dir, removed afterwards; name one to reuse its records")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "core.json")
     ap.add_argument("--keep", action="store_true", help="keep the stores of the full load")
     args = ap.parse_args()
@@ -772,12 +774,26 @@ def main() -> None:
     n = args.records
     n_entities = args.entities or max(1, n // 10)
     args.rebuild_repeat = args.rebuild_repeat or (1 if n >= 5_000_000 else 2)
+    own_workdir = args.workdir is None  # concurrent runs must never share (and wipe) a directory
+    args.workdir = Path(tempfile.mkdtemp(prefix="ledger-bench-core-")) if own_workdir else args.workdir
     args.workdir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # so `finally` stops PostgreSQL
     started = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:8.1f}s] {msg}", flush=True)
 
+    try:
+        run(args, systems, n, n_entities, log, started)
+    finally:
+        if own_workdir and not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+def run(
+    args: argparse.Namespace, systems: list[str], n: int, n_entities: int,
+    log: Callable[[str], None], started: float,
+) -> None:
     cluster = None
     pg: PostgresSystem | None = None
     if "postgres" in systems:
