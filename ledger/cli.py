@@ -314,6 +314,26 @@ def run_info(args: argparse.Namespace) -> int:
     return OK
 
 
+# ----------------------------------------------------------------------------- quarantine
+QUARANTINE_SQL = (
+    "SELECT tx, seq, kafka_topic AS topic, kafka_partition AS partition, kafka_offset AS offset, "
+    "reason, octet_length(value) AS value_bytes, value, key FROM quarantine ORDER BY tx, seq"
+)
+
+
+def add_quarantine(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                        help="table (default), csv or json (JSON lines; raw bytes as \\xNN text)")
+    add_data_dir(parser)
+
+
+def run_quarantine(args: argparse.Namespace) -> int:
+    with open_snapshot(args) as lg:
+        table = lg.sql(QUARANTINE_SQL, timeout=None)
+    {"table": write_table, "csv": write_csv, "json": write_json}[args.format](table)
+    return OK
+
+
 # --------------------------------------------------------------------------- kafka settings
 def add_kafka(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", metavar="HOST:PORT",
@@ -523,6 +543,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "info": Subcommand("counts, latest tx, segments and size on disk", add_info, run_info),
     "serve": Subcommand("run the HTTP API, the ledger consumer and (by default) a bundled broker",
                         add_serve, run_serve),
+    "quarantine": Subcommand("list input that could not become records, with the reason",
+                             add_quarantine, run_quarantine),
     "consume": Subcommand("ingest Kafka topics into the ledger, exactly once", add_consume, run_consume),
     "views": Subcommand("list, show or rebuild (materialize) views", add_views, run_views),
     "export": Subcommand("write a Parquet slice of the ledger as of a tx, with a manifest", add_export,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -254,6 +255,7 @@ class Consumer:
         # comes again (and a stale batch would otherwise look like "offsets went backwards").
         self._lock = asyncio.Lock()
         self._epoch = 0
+        self._reread_requested = False  # set by _check_generation for the batch being checked
         # Offsets stored in the ledger but not yet committed to Kafka (advisory, for tools that
         # watch the group's lag): a commit that fails (e.g. during a rebalance) is retried later,
         # or an idle partition would show its old offset in Kafka for ever.
@@ -403,10 +405,17 @@ class Consumer:
                 log.info("dropping a batch fetched before the latest partition assignment")
                 return
             work = []
+            self._reread_requested = False
             for tp, msgs in batch.items():
                 msgs = self._check_generation(kafka, tp, msgs)  # may seek: stays on the loop
                 if msgs:
                     work.append((tp, msgs, self._marks.get((tp.topic, tp.partition), OffsetMark(0))))
+            if work and self._reread_requested:
+                # Records that arrived together stay together (one tx, interleaved by timestamp,
+                # see _append): fetch the others again too rather than commit them ahead.
+                for tp, _, _ in work:
+                    self._reread_last(kafka, tp)
+                return
             if not work:
                 return
             # Decoding is CPU work: with the append, off the event loop (heartbeats, the API).
@@ -455,26 +464,31 @@ class Consumer:
         Records are validated once, by append() (validation is a third of the ingest CPU): a record
         it refuses is quarantined with the reason and the batch retried; past a few of those, every
         record is validated up front instead (as decode(check=True) would)."""
-        records: list[dict[str, Any]] = []
-        sources: list[ConsumerRecord[bytes, bytes]] = []  # the message of each record
+        decoded: list[list[tuple[ConsumerRecord[bytes, bytes], dict[str, Any]]]] = []
         quarantine: list[Quarantined] = []
         offsets: dict[tuple[str, str, int], OffsetMark] = {}
         covered: dict[str, list[int]] = {}
         for tp, msgs, mark in work:
             kind = self.kinds.get(tp.topic)
+            part = []
             for msg in msgs:
                 item = decode(msg, kind=kind, generation=mark.generation,
                               max_value_bytes=self.max_value_bytes, check=False)
                 if isinstance(item, Quarantined):
                     quarantine.append(item)
                 else:
-                    records.append(item)
-                    sources.append(msg)
+                    part.append((msg, item))
+            decoded.append(part)
             last = msgs[-1]
             offsets[(self.group, tp.topic, tp.partition)] = OffsetMark(
                 last.offset + 1, mark.generation, message_digest(last)
             )
             covered[f"{tp.topic}/{tp.partition}"] = [msgs[0].offset, last.offset]
+        # Partitions interleaved by Kafka timestamp: each partition keeps its offset order (merge
+        # never reorders one input), and the tx comes closer to the order things happened in.
+        merged = list(heapq.merge(*decoded, key=lambda pair: pair[0].timestamp))
+        sources = [msg for msg, _ in merged]  # the message of each record
+        records = [rec for _, rec in merged]
         meta = {"consumer": self.group, "offsets": covered}
         for attempt in range(_REFUSALS_BEFORE_CHECKING_ALL + 1):
             if attempt == _REFUSALS_BEFORE_CHECKING_ALL:
@@ -520,6 +534,7 @@ class Consumer:
             return msgs  # nothing stored in this generation: nothing to compare with
         if probe is None:
             self._reread_last(kafka, tp)  # new records without the last stored one: fetch again
+            self._reread_requested = True
             return []
         # We asked for offset stored-1 and the log starts later (retention) or skips it
         # (compaction): it cannot be compared; these records are all past the stored offset.

@@ -1,4 +1,4 @@
-"""`ledger info --bootstrap` shows the consumer's lag per partition from a real broker."""
+"""`ledger info --bootstrap` (lag per partition from a real broker) and `ledger quarantine`."""
 
 from __future__ import annotations
 
@@ -30,3 +30,21 @@ async def test_info_reports_lag_per_partition(broker: Broker, tmp_path: Path) ->
     lag = json.loads(out.stdout)["lag"]
     assert [(r["partition"], r["next_offset"], r["highwater"], r["lag"]) for r in lag] == [
         (0, 10, 12, 2), (1, 5, 5, 0)]
+
+
+def test_quarantine_lists_raw_input_with_reason_and_provenance(tmp_path: Path) -> None:
+    from ledger import Quarantined
+
+    with Ledger.open(tmp_path / "data") as lg:
+        lg.append([], quarantine=[Quarantined(reason="value is not JSON", value=b"\xff{", key=b"k1",
+                                              topic="commands", partition=2, offset=41)])
+    out = subprocess.run(
+        [sys.executable, "-m", "ledger", "quarantine", "--format", "json",
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert (row["topic"], row["partition"], row["offset"], row["reason"]) == (
+        "commands", 2, 41, "value is not JSON")
+    assert row["value_bytes"] == 2 and row["value"] == "\\xFF{"
