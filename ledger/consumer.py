@@ -10,7 +10,6 @@ redelivered message is recognised as a duplicate. Kafka's own commit is advisory
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import heapq
 import json
@@ -27,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from ledger.errors import InvalidRecord, LedgerError
-from ledger.fetching import FetchWait
+from ledger.fetching import FetchWait, unless_stopped
 from ledger.records import OffsetMark, Quarantined, validate
 
 if TYPE_CHECKING:
@@ -343,14 +342,10 @@ class Consumer:
         waiting = FetchWait(kafka, self.fetch_max_wait_ms)
         try:
             while not stop.is_set():
-                fetch = asyncio.ensure_future(self._fetch(kafka))
-                await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if not fetch.done():
-                    fetch.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await fetch
+                done, fetched = await unless_stopped(self._fetch(kafka), stopper)
+                if not done or fetched is None:
                     break
-                epoch, batch = fetch.result()
+                epoch, batch = fetched
                 if batch:
                     await self._ingest(kafka, batch, epoch)
                 self._refresh_lag(kafka)

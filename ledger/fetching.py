@@ -10,8 +10,15 @@ while a partition still has unread records.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+T = TypeVar("T")
 
 log = logging.getLogger("ledger.fetching")
 EMPTY_FETCHES_BEFORE_BACKOFF = 3
@@ -38,3 +45,15 @@ class FetchWait:
             self._fetcher._fetch_max_wait_ms = self.wait_ms
             log.warning("fetches return nothing while records wait; fetch_max_wait_ms is now %s",
                         self.wait_ms)
+
+
+async def unless_stopped(work: Awaitable[T], stopper: asyncio.Future[Any]) -> tuple[bool, T | None]:
+    """Await `work` unless `stopper` finishes first (then `work` is cancelled): (done, result)."""
+    task = asyncio.ensure_future(work)
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False, None
+    return True, task.result()

@@ -38,7 +38,6 @@ InitProducerId, and the guarantees above do not need them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import logging
@@ -52,7 +51,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from ledger.fetching import FetchWait
+from ledger.fetching import FetchWait, unless_stopped
 
 if TYPE_CHECKING:
     from aiokafka.structs import ConsumerRecord
@@ -413,14 +412,11 @@ class Processor(Generic[S]):
             waiting = FetchWait(kafka, self.fetch_max_wait_ms)
             try:
                 while not stop.is_set():
-                    fetch = asyncio.ensure_future(kafka.getmany(timeout_ms=200, max_records=self.max_batch))
-                    await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                    if not fetch.done():
-                        fetch.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await fetch
+                    done, batch = await unless_stopped(
+                        kafka.getmany(timeout_ms=200, max_records=self.max_batch), stopper
+                    )
+                    if not done or batch is None:
                         break
-                    batch = fetch.result()
                     if batch:
                         await self._handle(kafka, producer, batch)
                     waiting.observe(got_records=bool(batch), lagging=await _lagging(kafka))
