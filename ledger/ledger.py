@@ -165,6 +165,9 @@ class Ledger:
         try:
             con.execute("SET TimeZone = 'UTC'")
             con.execute("SET parquet_metadata_cache = true")  # segments never change once written
+            # A 10k-record tx writes ~10 MB of WAL; the 16 MiB default would checkpoint (rewrite the
+            # indexes) every other commit. seal() checkpoints instead.
+            con.execute("SET checkpoint_threshold = '1GB'")
             for ddl in CATALOG_DDL:
                 con.execute(ddl)
             cls._settle_config(con, entity_path, deletion)
@@ -620,6 +623,7 @@ class Ledger:
                     con.execute("ROLLBACK")
                 raise
             self._write_manifest()
+            con.execute("CHECKPOINT")
             return last
 
     def _write_manifest(self) -> None:
