@@ -22,8 +22,11 @@ GENESIS = "0" * 64
 _canonical = msgspec.json.Encoder(order="sorted").encode
 
 
+_sha256 = hashlib.sha256
+
+
 def _h(value: Any) -> str:
-    return hashlib.sha256(_canonical(value)).hexdigest()
+    return _sha256(_canonical(value)).hexdigest()
 
 
 def _instant(value: datetime | None) -> str | None:
@@ -31,8 +34,10 @@ def _instant(value: datetime | None) -> str | None:
 
 
 def data_hash(data: dict[str, Any]) -> str:
-    """Hash of a JSON object: each field hashed on its own, then the sorted field hashes."""
-    return _h(sorted(_h([k, v]) for k, v in data.items()))
+    """Hash of a JSON object: each field (the pair [key, value]) hashed on its own, then the
+    concatenation of the sorted 32-byte field digests."""
+    fields = sorted([_sha256(_canonical(item)).digest() for item in data.items()])
+    return _sha256(b"".join(fields)).hexdigest()
 
 
 def record_hash(

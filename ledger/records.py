@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from ledger.errors import InvalidRecord, InvalidTime
 
 JSON = Any  # a value json.loads could return
 KINDS = ("command", "event")
+_CORE = frozenset({"id", "kind", "action", "data", "timestamp"})
 _FIELDS = frozenset(
     {"id", "kind", "action", "parent", "data", "timestamp", "key", "headers",
      "topic", "partition", "offset", "kafka_timestamp"}
@@ -190,6 +192,14 @@ def dumps(value: JSON) -> str:
     return text
 
 
+_decode = msgspec.json.decode
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON text the ledger wrote."""
+    return _decode(text)
+
+
 def check_json(value: object, path: str) -> None:
     if value is None or isinstance(value, (bool, int)):
         return
@@ -211,6 +221,41 @@ def check_json(value: object, path: str) -> None:
             check_json(v, f"{path}[{i}]")
         return
     raise ValueError(f"{path} is a {type(value).__name__}, which is not a JSON value")
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
+def _check_data(data: Mapping[str, object]) -> str:
+    """Check a record's `data` and return its JSON text. Flat fields are checked here; only
+    floats and nested values take the full walk (strings are checked by the encoder, which
+    refuses lone surrogates; on that error the walk names the field)."""
+    for k, v in data.items():
+        if type(k) is not str:
+            raise ValueError(f"data has a non-string key {k!r}")
+        if type(v) not in _PLAIN:
+            check_json(v, f"data.{k}")
+    try:
+        return dumps(data)
+    except ValueError:
+        check_json(data, "data")
+        raise
+
+
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _uuid(value: object) -> str:
+    if isinstance(value, str):
+        if _CANONICAL_UUID.fullmatch(value):
+            return value
+        try:
+            return str(uuid.UUID(value))
+        except ValueError as e:
+            raise ValueError(f"{value!r} is not a UUID") from e
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise ValueError(f"must be a UUID, got {type(value).__name__}")
 
 
 def _headers(value: object) -> tuple[tuple[str, str], ...]:
@@ -251,10 +296,10 @@ def _optional_int(rec: Mapping[str, object], name: str) -> int | None:
 
 def validate(index: int, rec: object) -> NewRecord:
     """Check one input mapping and normalise it; raises InvalidRecord naming the field."""
-    if not isinstance(rec, Mapping):
+    if type(rec) is not dict and not isinstance(rec, Mapping):
         raise InvalidRecord(index, "*", f"a record must be a mapping, got {type(rec).__name__}")
-    unknown = sorted(set(rec) - _FIELDS)
-    if unknown:
+    if not _FIELDS.issuperset(rec):
+        unknown = sorted(set(rec) - _FIELDS)
         raise InvalidRecord(index, unknown[0], f"unknown field; allowed: {', '.join(sorted(_FIELDS))}")
     name = "kind"
     try:
@@ -263,51 +308,44 @@ def validate(index: int, rec: object) -> NewRecord:
             raise ValueError(f"must be 'command' or 'event', got {kind!r}")
         name = "action"
         action = rec.get("action")
-        if not isinstance(action, str) or not action.strip():
+        if type(action) is not str or not action.strip():
             raise ValueError("must be a non-empty string")
         _text(action, "action")
         name = "data"
         data = rec.get("data")
-        if not isinstance(data, Mapping):
+        if type(data) is not dict and not isinstance(data, Mapping):
             raise ValueError(f"must be a JSON object, got {type(data).__name__}")
-        check_json(data, "data")
+        data_json = _check_data(data)
         data = dict(data)
         name = "id"
         raw_id = rec.get("id")
-        if raw_id is None:
-            rid = uuid7()
-        elif isinstance(raw_id, uuid.UUID):
-            rid = str(raw_id)
-        elif isinstance(raw_id, str):
-            try:
-                rid = str(uuid.UUID(raw_id))
-            except ValueError as e:
-                raise ValueError(f"{raw_id!r} is not a UUID") from e
-        else:
-            raise ValueError(f"must be a UUID, got {type(raw_id).__name__}")
-        name = "parent"
-        parent = rec.get("parent")
-        parent = str(parent) if isinstance(parent, uuid.UUID) else _optional_str(rec, "parent")
+        rid = uuid7() if raw_id is None else _uuid(raw_id)
         name = "timestamp"
         ts = rec.get("timestamp")
         valid_time = None if ts is None else to_utc(ts, "timestamp")
-        name = "kafka_timestamp"
-        kts = rec.get("kafka_timestamp")
-        kafka_ts = None if kts is None else to_utc(kts, "kafka_timestamp")
-        name = "key"
-        key = _optional_str(rec, "key")
-        name = "headers"
-        headers = _headers(rec.get("headers") or ())
-        name = "topic"
-        topic = _optional_str(rec, "topic")
-        name = "partition"
-        partition = _optional_int(rec, "partition")
-        name = "offset"
-        offset = _optional_int(rec, "offset")
+        parent = key = topic = partition = offset = kafka_ts = None
+        headers: tuple[tuple[str, str], ...] = ()
+        if not _CORE.issuperset(rec):  # parent, Kafka provenance: absent from many appends
+            name = "parent"
+            parent = rec.get("parent")
+            parent = str(parent) if isinstance(parent, uuid.UUID) else _optional_str(rec, "parent")
+            name = "kafka_timestamp"
+            kts = rec.get("kafka_timestamp")
+            kafka_ts = None if kts is None else to_utc(kts, "kafka_timestamp")
+            name = "key"
+            key = _optional_str(rec, "key")
+            name = "headers"
+            headers = _headers(rec.get("headers") or ())
+            name = "topic"
+            topic = _optional_str(rec, "topic")
+            name = "partition"
+            partition = _optional_int(rec, "partition")
+            name = "offset"
+            offset = _optional_int(rec, "offset")
     except (ValueError, InvalidTime) as e:
         raise InvalidRecord(index, name, str(e)) from e
     return NewRecord(
-        id=rid, kind=kind, action=action, data=data, data_json=dumps(data),
+        id=rid, kind=kind, action=action, data=data, data_json=data_json,
         valid_time=valid_time, parent=parent, key=key, headers=headers, topic=topic,
         partition=partition, offset=offset, kafka_timestamp=kafka_ts,
     )

@@ -3,7 +3,6 @@ valid time (bitemporal). Each read runs in one DuckDB snapshot, so it never sees
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from dataclasses import dataclass, replace
@@ -12,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+from ledger.datoms import attributes
 from ledger.errors import InvalidQuery, InvalidTime
-from ledger.records import Datom, to_utc
+from ledger.records import Datom, loads, to_utc
 from ledger.storage.catalog import union_sql
 
 if TYPE_CHECKING:
@@ -166,22 +166,36 @@ class Database:
         return self.pin if valid_at is None else replace(self.pin, valid_at=to_utc(valid_at, "valid_at"))
 
     def _datoms_of(self, e: str, pin: Pin) -> list[tuple[Any, ...]]:
-        """(a, v, op, tx, seq, valid_us, tx_time, record_id) of one entity within `pin`, in
-        (tx, seq, a) order; valid_us is the valid time in epoch microseconds. The writer looks
+        """(a, v, op, tx, seq, valid_us, tx_us, record_id) of one entity within `pin`, in
+        (tx, seq, a) order; v is the Python value, times are epoch microseconds. The writer looks
         them up in its entity index (one statement: atomic without a snapshot); others scan."""
-        cols = "a, v, op, tx, seq, epoch_us(valid_time), tx_time, record_id"
+        lo = -1 if pin.since is None else pin.since
+        vt = None if pin.valid_at is None else _epoch_us(pin.valid_at)
         if self._ledger.indexed:
             # Only `e = ?`: any other predicate keeps DuckDB from using the index.
             rows = self._ledger.cursor().execute(
-                f"SELECT {cols} FROM entity_index WHERE e = $e", {"e": str(e)}
+                "SELECT tx, seq, epoch_us(valid_time), epoch_us(tx_time), CAST(record_id AS VARCHAR), "
+                "attrs FROM entity_index WHERE e = $e", {"e": str(e)}
             ).fetchall()
+            key = self._ledger.rules.entity_key
+            kept = [
+                (a, v, v is not None, tx, seq, vus, tus, rid)
+                for tx, seq, vus, tus, rid, attrs in rows
+                if lo < tx <= pin.basis and (vt is None or vus <= vt)
+                for a, v in attributes(loads(attrs), key)
+            ]
         else:
             with self._ledger.snapshot() as (cur, files):
                 source = union_sql("datoms", files["datoms"], where="e = $e")
-                rows = cur.execute(f"SELECT {cols} FROM ({source})", {"e": str(e)}).fetchall()
-        lo = -1 if pin.since is None else pin.since
-        vt = None if pin.valid_at is None else _epoch_us(pin.valid_at)
-        kept = [r for r in rows if lo < r[3] <= pin.basis and (vt is None or r[5] <= vt)]
+                rows = cur.execute(
+                    "SELECT a, v, op, tx, seq, epoch_us(valid_time), epoch_us(tx_time), record_id "
+                    f"FROM ({source})", {"e": str(e)},
+                ).fetchall()
+            kept = [
+                (a, None if v is None else loads(v), *rest)
+                for a, v, *rest in rows
+                if lo < rest[1] <= pin.basis and (vt is None or rest[3] <= vt)
+            ]
         kept.sort(key=lambda r: (r[3], r[4], r[0]))
         return kept
 
@@ -192,7 +206,7 @@ class Database:
         if pin.valid_at is not None:  # the latest in valid time wins; ties in tx order
             rows.sort(key=lambda r: (r[5], r[3], r[4]))
         latest = {r[0]: r for r in rows}
-        return {a: json.loads(r[1]) for a, r in sorted(latest.items()) if r[2]} or None
+        return {a: r[1] for a, r in sorted(latest.items()) if r[2]} or None
 
     def history(
         self, e: str, *, since: TimePoint | None = None, until: TimePoint | None = None
@@ -205,9 +219,9 @@ class Database:
         if until is not None:
             pin = replace(pin, basis=min(pin.basis, self._ledger.resolve(until)))
         return [
-            Datom(e=e, a=a, v=None if v is None else json.loads(v), tx=tx,
-                  tx_time=tt.astimezone(UTC), op=op, valid_time=_from_epoch_us(vt), record_id=rid)
-            for a, v, op, tx, _seq, vt, tt, rid in self._datoms_of(e, pin)
+            Datom(e=e, a=a, v=v, tx=tx, tx_time=_from_epoch_us(tus), op=op,
+                  valid_time=_from_epoch_us(vus), record_id=rid)
+            for a, v, op, tx, _seq, vus, tus, rid in self._datoms_of(e, pin)
         ]
 
     def sql(

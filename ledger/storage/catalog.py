@@ -27,7 +27,6 @@ RELATIONS: dict[str, tuple[tuple[str, str], ...]] = {
         ("kafka_partition", "INTEGER"),
         ("kafka_offset", "BIGINT"),
         ("kafka_timestamp", "TIMESTAMPTZ"),
-        ("hash", "VARCHAR NOT NULL"),
     ),
     "datoms": (
         ("e", "VARCHAR NOT NULL"),
@@ -64,6 +63,19 @@ RELATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 
+# Relations whose tail is a view over another table (tail_datoms over entity_index).
+DERIVED = frozenset({"datoms"})
+
+INDEX_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("e", "VARCHAR NOT NULL"),
+    ("tx", "BIGINT NOT NULL"),
+    ("seq", "INTEGER NOT NULL"),
+    ("tx_time", "TIMESTAMPTZ NOT NULL"),
+    ("valid_time", "TIMESTAMPTZ NOT NULL"),
+    ("record_id", "UUID NOT NULL"),
+    ("attrs", "JSON NOT NULL"),
+)
+
 # Sort order inside a sealed segment: datoms by entity so a lookup reads one row group per segment.
 SEAL_ORDER = {
     "records": "tx, seq",
@@ -87,18 +99,32 @@ CATALOG_DDL = [
         consumer VARCHAR NOT NULL, topic VARCHAR NOT NULL, partition INTEGER NOT NULL,
         next_offset BIGINT NOT NULL, generation INTEGER NOT NULL, last_digest VARCHAR,
         tx BIGINT NOT NULL)""",
-    # Every datom ever, indexed by entity: as-of entity reads are point lookups. Derived data
-    # (rebuildable from the records); the sealed datoms also live in Parquet for outside readers.
+    # Every event that names an entity, indexed by entity: as-of entity reads are point lookups.
+    # One row per event (not per datom) keeps appends and the index small; `attrs` is the JSON
+    # object of the event's attributes (its `data`, or {a: null} for each attribute a deletion
+    # retracts). Sealed datoms also live in Parquet, unpacked, for SQL and outside readers.
     "CREATE TABLE IF NOT EXISTS entity_index ("
-    + ", ".join(f"{col} {typ}" for col, typ in RELATIONS["datoms"]) + ")",
+    + ", ".join(f"{col} {typ}" for col, typ in INDEX_COLUMNS) + ")",
     "CREATE INDEX IF NOT EXISTS entity_index_e ON entity_index (e)",
     *(
         f"CREATE TABLE IF NOT EXISTS tail_{name} ("
         + ", ".join(f"{col} {typ}" for col, typ in cols)
         + ")"
-        for name, cols in RELATIONS.items()
+        for name, cols in RELATIONS.items() if name not in DERIVED
     ),
 ]
+
+
+def tail_datoms_ddl(entity_key: str | None) -> str:
+    """The unsealed datoms, unpacked from the entity index. `entity_key` (the top-level field that
+    holds the entity id, None for a nested path) is not an attribute."""
+    skip = "" if entity_key is None else f" WHERE kv.key <> {quote(entity_key)}"
+    return (
+        "CREATE OR REPLACE VIEW tail_datoms AS SELECT e, kv.key AS a, kv.value AS v, "
+        "kv.value IS NOT NULL AS op, tx, seq, tx_time, valid_time, CAST(record_id AS VARCHAR) AS record_id "
+        "FROM (SELECT *, unnest(map_entries(CAST(attrs AS MAP(VARCHAR, JSON)))) AS kv FROM entity_index "
+        f"WHERE tx > (SELECT coalesce(max(last_tx), 0) FROM segments)){skip}"
+    )
 
 
 def columns(relation: str) -> str:
