@@ -13,7 +13,6 @@ import msgspec
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
-    from datetime import datetime
 
 GENESIS = "0" * 64
 
@@ -29,10 +28,6 @@ def _h(value: Any) -> str:
     return _sha256(_canonical(value)).hexdigest()
 
 
-def _instant(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat(timespec="microseconds")
-
-
 def data_hash(data: dict[str, Any]) -> str:
     """Hash of a JSON object: each field (the pair [key, value]) hashed on its own, then the
     concatenation of the sorted 32-byte field digests."""
@@ -42,13 +37,13 @@ def data_hash(data: dict[str, Any]) -> str:
 
 def record_hash(
     *, id: str, kind: str, action: str, parent: str | None, data: dict[str, Any],
-    valid_time: datetime, key: str | None, headers: Iterable[tuple[str, str]],
-    topic: str | None, partition: int | None, offset: int | None,
-    kafka_timestamp: datetime | None,
+    valid_us: int, key: str | None, headers: Iterable[tuple[str, str]],
+    topic: str | None, partition: int | None, offset: int | None, kafka_us: int | None,
 ) -> str:
+    """Instants are hashed as integer microseconds since the Unix epoch (UTC)."""
     return _h([
-        id, kind, action, parent, data_hash(data), _instant(valid_time), key,
-        [list(h) for h in headers], topic, partition, offset, _instant(kafka_timestamp),
+        id, kind, action, parent, data_hash(data), valid_us, key,
+        [list(h) for h in headers], topic, partition, offset, kafka_us,
     ])
 
 
@@ -63,7 +58,7 @@ def quarantine_hash(
 
 
 def tx_hash(
-    *, tx: int, tx_time: datetime, prev_hash: str, meta: dict[str, Any],
+    *, tx: int, tx_us: int, prev_hash: str, meta: dict[str, Any],
     record_hashes: Iterable[str], quarantine_hashes: Iterable[str] = (),
 ) -> str:
-    return _h([tx, _instant(tx_time), prev_hash, meta, list(record_hashes), list(quarantine_hashes)])
+    return _h([tx, tx_us, prev_hash, meta, list(record_hashes), list(quarantine_hashes)])

@@ -491,20 +491,22 @@ class Ledger:
         con = self._con
         con.execute("BEGIN TRANSACTION")
         try:
-            fresh = {
-                str(row[0]) for row in con.execute(
-                    "INSERT INTO record_ids SELECT unnest($ids::UUID[]) ON CONFLICT DO NOTHING RETURNING id",
-                    {"ids": [r.id for r in unique]},
-                ).fetchall()
-            } if unique else set()
-            stored = [r for r in unique if r.id in fresh]
-            duplicates += [r for r in unique if r.id not in fresh]
+            stored = unique
+            insert_ids = "INSERT INTO record_ids SELECT unnest($ids::UUID[]) ON CONFLICT DO NOTHING"
+            ids = {"ids": [r.id for r in unique]}
+            row = con.execute(insert_ids, ids).fetchone() if unique else (0,)
+            if row is None or row[0] != len(unique):  # some were stored before (a redelivery)
+                con.execute("ROLLBACK")
+                con.execute("BEGIN TRANSACTION")
+                fresh = {str(r[0]) for r in con.execute(f"{insert_ids} RETURNING id", ids).fetchall()}
+                stored = [r for r in unique if r.id in fresh]
+                duplicates += [r for r in unique if r.id not in fresh]
             tx_us = _micros(tx_time)
-            rec_rows, rec_hashes = _record_rows(stored, tx, tx_time, tx_us)
+            rec_rows, rec_hashes = _record_rows(stored, tx, tx_us)
             index_rows = self._index_rows(con, stored, tx, tx_us, rec_rows["valid_time"])
             q_rows, q_hashes = _quarantine_rows(quarantine, tx)
             tx_hash = chain.tx_hash(
-                tx=tx, tx_time=tx_time, prev_hash=head.hash, meta=meta,
+                tx=tx, tx_us=tx_us, prev_hash=head.hash, meta=meta,
                 record_hashes=rec_hashes, quarantine_hashes=q_hashes,
             )
             tx_rows: dict[str, list[Any]] = {
@@ -707,8 +709,9 @@ def _record(row: tuple[Any, ...]) -> Record:
     valid_time = valid_time.astimezone(UTC)
     kafka_ts = None if kafka_ts is None else kafka_ts.astimezone(UTC)
     h = chain.record_hash(
-        id=rid, kind=kind, action=action, parent=parent, data=data, valid_time=valid_time, key=key,
-        headers=hdrs, topic=topic, partition=partition, offset=offset, kafka_timestamp=kafka_ts,
+        id=rid, kind=kind, action=action, parent=parent, data=data, valid_us=_micros(valid_time),
+        key=key, headers=hdrs, topic=topic, partition=partition, offset=offset,
+        kafka_us=None if kafka_ts is None else _micros(kafka_ts),
     )
     return Record(
         id=rid, kind=kind, action=action, data=data, valid_time=valid_time, tx=tx, seq=seq,
@@ -718,18 +721,19 @@ def _record(row: tuple[Any, ...]) -> Record:
 
 
 def _record_rows(
-    stored: list[NewRecord], tx: int, tx_time: datetime, tx_us: int
+    stored: list[NewRecord], tx: int, tx_us: int
 ) -> tuple[dict[str, list[Any]], list[str]]:
     """Column lists of the records relation (timestamps in epoch microseconds) and their hashes."""
     n = len(stored)
     valid = [tx_us if r.valid_time is None else _micros(r.valid_time) for r in stored]
+    kafka = [None if r.kafka_timestamp is None else _micros(r.kafka_timestamp) for r in stored]
     hashes = [
         chain.record_hash(
-            id=r.id, kind=r.kind, action=r.action, parent=r.parent, data=r.data,
-            valid_time=r.valid_time or tx_time, key=r.key, headers=r.headers, topic=r.topic,
-            partition=r.partition, offset=r.offset, kafka_timestamp=r.kafka_timestamp,
+            id=r.id, kind=r.kind, action=r.action, parent=r.parent, data=r.data, valid_us=vus,
+            key=r.key, headers=r.headers, topic=r.topic, partition=r.partition, offset=r.offset,
+            kafka_us=kus,
         )
-        for r in stored
+        for r, vus, kus in zip(stored, valid, kafka, strict=True)
     ]
     rows: dict[str, list[Any]] = {
         "tx": [tx] * n, "seq": list(range(n)), "id": [r.id for r in stored],
@@ -739,9 +743,7 @@ def _record_rows(
         "headers": [dumps([list(h) for h in r.headers]) if r.headers else None for r in stored],
         "kafka_topic": [r.topic for r in stored], "kafka_partition": [r.partition for r in stored],
         "kafka_offset": [r.offset for r in stored],
-        "kafka_timestamp": [
-            None if r.kafka_timestamp is None else _micros(r.kafka_timestamp) for r in stored
-        ],
+        "kafka_timestamp": kafka,
     }
     return rows, hashes
 
@@ -828,7 +830,7 @@ class _ChainCheck:
                 self.bad = (tx, "prev_hash does not match the previous tx")
                 return False
             again = chain.tx_hash(
-                tx=tx, tx_time=tx_time.astimezone(UTC), prev_hash=self.prev_hash,
+                tx=tx, tx_us=_micros(tx_time), prev_hash=self.prev_hash,
                 meta=json.loads(meta), record_hashes=hashes, quarantine_hashes=q_hashes,
             )
             if again != h:

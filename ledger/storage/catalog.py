@@ -73,7 +73,7 @@ INDEX_COLUMNS: tuple[tuple[str, str], ...] = (
     ("tx_time", "TIMESTAMPTZ NOT NULL"),
     ("valid_time", "TIMESTAMPTZ NOT NULL"),
     ("record_id", "UUID NOT NULL"),
-    ("attrs", "JSON NOT NULL"),
+    ("attrs", "VARCHAR NOT NULL"),  # JSON we wrote; VARCHAR skips a re-parse on insert
 )
 
 # Sort order inside a sealed segment: datoms by entity so a lookup reads one row group per segment.
@@ -122,7 +122,8 @@ def tail_datoms_ddl(entity_key: str | None) -> str:
     return (
         "CREATE OR REPLACE VIEW tail_datoms AS SELECT e, kv.key AS a, kv.value AS v, "
         "kv.value IS NOT NULL AS op, tx, seq, tx_time, valid_time, CAST(record_id AS VARCHAR) AS record_id "
-        "FROM (SELECT *, unnest(map_entries(CAST(attrs AS MAP(VARCHAR, JSON)))) AS kv FROM entity_index "
+        "FROM (SELECT *, unnest(map_entries(CAST(CAST(attrs AS JSON) AS MAP(VARCHAR, JSON)))) AS kv "
+        "FROM entity_index "
         f"WHERE tx > (SELECT coalesce(max(last_tx), 0) FROM segments)){skip}"
     )
 
