@@ -68,15 +68,11 @@ class QueryController(Controller):
         """An entity's attributes as of a tx or instant (and valid at an instant)."""
         lg = services.ledger
         db = lg.db() if as_of is None else lg.as_of(time_param(as_of, "as_of") or 0)
-        state = await asyncio.to_thread(db.entity, entity_id, valid_at=valid_at)
-        if state is None:
+        found = await asyncio.to_thread(db.entity_with_tx, entity_id, valid_at=valid_at)
+        if found is None:
             raise not_found(f"entity {entity_id!r} (as of tx {db.basis_tx})")
-        touched = await asyncio.to_thread(
-            lg.sql, "SELECT a, max(tx) AS tx FROM datoms WHERE e = $e GROUP BY a", as_of=db.basis_tx,
-            valid_at=valid_at, params={"e": entity_id},
-        )
-        return {"id": entity_id, "as_of_tx": db.basis_tx, "state": state,
-                "attribute_tx": {r["a"]: r["tx"] for r in touched.to_pylist() if r["a"] in state}}
+        state, attribute_tx = found
+        return {"id": entity_id, "as_of_tx": db.basis_tx, "state": state, "attribute_tx": attribute_tx}
 
     @get("/entities/{entity_id:str}/history")
     async def history(

@@ -201,12 +201,20 @@ class Database:
 
     def entity(self, e: str, *, valid_at: datetime | str | None = None) -> dict[str, Any] | None:
         """The entity's attributes, or None when it has none (never seen, or deleted)."""
+        found = self.entity_with_tx(e, valid_at=valid_at)
+        return None if found is None else found[0]
+
+    def entity_with_tx(
+        self, e: str, *, valid_at: datetime | str | None = None
+    ) -> tuple[dict[str, Any], dict[str, int]] | None:
+        """The entity's attributes and, for each, the tx of the assertion that holds it."""
         pin = self._with_valid(valid_at)
         rows = self._datoms_of(e, pin)
         if pin.valid_at is not None:  # the latest in valid time wins; ties in tx order
             rows.sort(key=lambda r: (r[5], r[3], r[4]))
         latest = {r[0]: r for r in rows}
-        return {a: r[1] for a, r in sorted(latest.items()) if r[2]} or None
+        held = sorted((a, r) for a, r in latest.items() if r[2])
+        return ({a: r[1] for a, r in held}, {a: r[3] for a, r in held}) if held else None
 
     def history(
         self, e: str, *, since: TimePoint | None = None, until: TimePoint | None = None

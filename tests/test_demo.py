@@ -81,6 +81,15 @@ def test_sync_transfers_from_concurrent_clients(bank: Server) -> None:
 
     assert wait_for(lambda: balances() == expected and expected, timeout=30)
 
+    # attribute_tx: the tx of the event that set each attribute, as the log says
+    acct = ACCOUNTS[0]
+    got = httpx.get(f"{bank.url}/entities/{acct}").json()
+    last = httpx.post(bank.url + "/query", json={
+        "sql": "SELECT max(tx) FROM events WHERE data->>'id' = $a AND data->>'balance' IS NOT NULL",
+        "params": {"a": acct}, "as_of": got["as_of_tx"]}).json()["rows"][0][0]
+    assert got["attribute_tx"]["balance"] == last
+    assert set(got["attribute_tx"]) == set(got["state"])
+
 
 def test_restart_mid_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     srv = Server(tmp_path / "data").start()
