@@ -79,7 +79,7 @@ INDEX_COLUMNS: tuple[tuple[str, str], ...] = (
 # Sort order inside a sealed segment: datoms by entity so a lookup reads one row group per segment.
 SEAL_ORDER = {
     "records": "tx, seq",
-    "datoms": "e, a, tx, seq",
+    "datoms": "e, tx, seq, a",  # one record's datoms adjacent: its ids and times run-length encode
     "transactions": "tx",
     "quarantine": "tx, seq",
 }
