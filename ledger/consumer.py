@@ -260,6 +260,7 @@ class Consumer:
         # or an idle partition would show its old offset in Kafka for ever.
         self._uncommitted: dict[TopicPartition, int] = {}
         self._commit_retry_at = 0.0
+        self._committing: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ partition assignment
     def _on_assigned(self, kafka: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
@@ -350,7 +351,7 @@ class Consumer:
                     await self._ingest(kafka, batch, epoch)
                 self._refresh_lag(kafka)
                 if self._uncommitted and time.monotonic() >= self._commit_retry_at:
-                    await self._commit_to_kafka(kafka)
+                    self._commit_in_background(kafka)
                 waiting.observe(got_records=bool(batch), lagging=any(
                     (st.lag or 0) > 0 for st in self.status.assigned.values()))
         except Exception as e:
@@ -359,6 +360,8 @@ class Consumer:
         finally:
             stopper.cancel()
             self.status.running = False
+            if self._committing is not None:  # bounded by its own timeout
+                await asyncio.gather(self._committing, return_exceptions=True)
             await kafka.stop()
             self._kafka = None
 
@@ -430,7 +433,13 @@ class Consumer:
             s.last_tx = report.tx
         for (_, t, p), m in offsets.items():
             self._uncommitted[TopicPartition(t, p)] = m.next_offset
-        await self._commit_to_kafka(kafka)
+        self._commit_in_background(kafka)
+
+    def _commit_in_background(self, kafka: AIOKafkaConsumer) -> None:
+        """Start the advisory commit unless one is in flight: the next fetch need not wait for
+        a Kafka round trip (what one misses, the next one after it commits)."""
+        if self._committing is None or self._committing.done():
+            self._committing = asyncio.ensure_future(self._commit_to_kafka(kafka))
 
     async def _commit_to_kafka(self, kafka: AIOKafkaConsumer) -> None:
         """Commit the ledger's offsets to Kafka. Advisory only (the ledger's offsets are the truth),
