@@ -293,6 +293,19 @@ def main() -> None:
         checks["lookup_mismatches"] = sum(a != b for a, b in zip(lg_ans, pg_ans, strict=True))
         checks["lookup_absent_as_of"] = sum(a is None for a in pg_ans)
 
+        # The same lookups through the entity endpoint (the ledger's entity index, no SQL).
+        for e, t in pairs[: args.warmup]:
+            http.get(f"/entities/{e}", params={"as_of": t})
+        ent_lat, ent_ans = [], []
+        for e, t in pairs:
+            t0 = time.perf_counter()
+            r = http.get(f"/entities/{e}", params={"as_of": t})
+            ent_lat.append((time.perf_counter() - t0) * 1000)
+            ent_ans.append(int(r.json()["state"]["balance"]) if r.status_code == 200 else None)
+        res["ledger"]["lookup_entity_endpoint"] = lat_stats(ent_lat)
+        checks["entity_endpoint_mismatches"] = sum(a != b for a, b in zip(ent_ans, pg_ans, strict=True))
+        log(f"  GET /entities/{{id}}?as_of= p50 {lat_stats(ent_lat)['p50_ms']:.3f} ms")
+
         times, body = [], None
         for _ in range(args.repeat):
             t0 = time.perf_counter()
@@ -402,6 +415,11 @@ def print_table(report: dict[str, Any]) -> None:
     row("as-of point lookup p99 (ms)", lg["lookup"]["p99_ms"], pg["lookup"]["p99_ms"], "{:.3f}")
     row("  lookup p50 in-process, lg.sql, no HTTP (ms)", lg["lookup_in_process"]["p50_ms"],
         pg["lookup"]["p50_ms"], "{:.3f}")
+    if "lookup_entity_endpoint" in lg:
+        row("  GET /entities/{id}?as_of= p50 (ms)", lg["lookup_entity_endpoint"]["p50_ms"],
+            pg["lookup"]["p50_ms"], "{:.3f}")
+        row("  GET /entities/{id}?as_of= p99 (ms)", lg["lookup_entity_endpoint"]["p99_ms"],
+            pg["lookup"]["p99_ms"], "{:.3f}")
     row(f"as-of aggregate, tx {lg['aggregate']['as_of_tx']} (s)", lg["aggregate"]["best_s"],
         pg["aggregate"]["best_s"], "{:.3f}")
     row("balance view rebuild, HTTP until ready (s)", lg["view_rebuild"]["best_s"],

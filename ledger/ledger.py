@@ -4,7 +4,9 @@ out immutable Database values for reads."""
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sqlite3
 import threading
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -37,12 +39,13 @@ from ledger.records import (
     loads,
     validate,
 )
+from ledger.storage import index as idx
 from ledger.storage import segments as seg
 from ledger.storage.catalog import (
     CATALOG_DDL,
-    DERIVED,
     INDEX_COLUMNS,
     RELATIONS,
+    TAIL_TABLES,
     columns,
     quote,
     tail_datoms_ddl,
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
     import os
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
+log = logging.getLogger(__name__)
 DB_FILE = "ledger.duckdb"
 DEFAULT_SEAL_EVERY = 250_000
 # Column types as Arrow types. Timestamps travel as epoch microseconds (ints), which Arrow turns
@@ -146,7 +150,8 @@ class Ledger:
         self.rules = Rules(json.loads(meta["entity_path"]), json.loads(meta["deletion"]))
         con.execute(tail_datoms_ddl(self.rules.entity_key))
         self._head = self._read_head()
-        # The entity index is complete only in the writer's own database file.
+        # The entity index (ledger.storage.index) is the writer's; snapshots scan the datoms.
+        self._index = None if read_only else idx.EntityIndex(root / idx.FILE)
         self.indexed = not read_only
         self._listeners: list[Listener] = []
         self._tail_records = self._tail_count()
@@ -201,7 +206,12 @@ class Ledger:
         except BaseException:
             con.close()
             raise
-        ledger._write_manifest()
+        try:
+            ledger._write_manifest()
+            ledger._catch_up_index()
+        except BaseException:
+            ledger.close()
+            raise
         _confine(con, root)
         return ledger
 
@@ -237,7 +247,7 @@ class Ledger:
         con.execute("SET parquet_metadata_cache = true")
         for ddl in CATALOG_DDL:
             con.execute(ddl)
-        copied = ["ledger_meta", "segments", "offsets", *(f"tail_{r}" for r in RELATIONS if r not in DERIVED)]
+        copied = ["ledger_meta", "segments", "offsets", *TAIL_TABLES]
         try:
             con.execute(f"ATTACH {quote(str(db_file))} AS src (READ_ONLY)")
         except duckdb.IOException as e:
@@ -249,11 +259,6 @@ class Ledger:
             con.execute("BEGIN TRANSACTION")
             for table in copied:
                 con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
-            # The unsealed part of the entity index: what the tail datoms are unpacked from.
-            con.execute(
-                "INSERT INTO entity_index SELECT * FROM src.entity_index "
-                "WHERE tx > (SELECT coalesce(max(last_tx), 0) FROM src.segments)"
-            )
             con.execute("COMMIT")
         finally:
             con.execute("DETACH src")
@@ -295,6 +300,8 @@ class Ledger:
                     with suppress(duckdb.Error):
                         cur.close()
                 self._con.close()
+                if self._index is not None:
+                    self._index.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -524,7 +531,7 @@ class Ledger:
                 if rows["tx"]:
                     _insert(con, f"tail_{relation}", RELATIONS[relation], rows)
             if index_rows["tx"]:
-                _insert(con, "entity_index", INDEX_COLUMNS, index_rows)
+                _insert(con, "tail_index", INDEX_COLUMNS, index_rows)
             if offsets:
                 values = [[c, t, p, m.next_offset, m.generation, m.last_digest, tx]
                           for (c, t, p), m in offsets.items()]
@@ -538,6 +545,7 @@ class Ledger:
             with suppress(duckdb.Error):
                 con.execute("ROLLBACK")
             raise
+        self._add_to_index(zip(*(index_rows[c] for c in idx.COLUMNS), strict=True), tx)
         self._head = Head(tx, tx_time, tx_hash)
         report = TxReport(
             tx=tx, tx_time=tx_time, hash=tx_hash, ids=tuple(r.id for r in stored),
@@ -559,7 +567,7 @@ class Ledger:
             if r.kind != "event" or (e := rules.entity_of(r.data)) is None:
                 continue
             if rules.is_deletion(r.action):
-                has = datoms.current([*self._index_attrs(con, e), *earlier.get(e, ())], key)
+                has = datoms.current([*self._committed_attrs(e), *earlier.get(e, ())], key)
                 retract = dict.fromkeys(sorted(has))
                 earlier.setdefault(e, []).append(retract)
                 attrs.append(dumps(retract))
@@ -574,11 +582,62 @@ class Ledger:
         rows["tx_time"] = [tx_us] * len(es)
         return rows
 
-    @staticmethod
-    def _index_attrs(con: duckdb.DuckDBPyConnection, e: str) -> list[dict[str, Any]]:
-        """The committed index rows of entity e, in order (used to expand a deletion)."""
-        rows = con.execute("SELECT attrs FROM entity_index WHERE e = $e ORDER BY tx, seq", {"e": e})
-        return [loads(a) for (a,) in rows.fetchall()]
+    def _committed_attrs(self, e: str) -> list[dict[str, Any]]:
+        """The attrs of entity e's committed events, in order (to expand a deletion)."""
+        if self.indexed and self._index is not None:
+            return [loads(row[5]) for row in self._index.rows(e)]
+        by_event: dict[tuple[int, int], dict[str, Any]] = {}
+        for a, v, _op, tx, seq, *_ in self.db()._datoms_of(e, Pin(basis=self._head.tx)):
+            by_event.setdefault((tx, seq), {})[a] = v
+        return list(by_event.values())
+
+    def index_rows(self, e: str) -> list[tuple[Any, ...]]:
+        """(tx, seq, valid_us, tx_us, record_id, attrs) of entity e from the entity index."""
+        if self._index is None:
+            raise LedgerError("this ledger has no entity index (a read-only snapshot)")
+        return self._index.rows(e)
+
+    def _add_to_index(self, rows: Iterable[idx.IndexRow], tx: int) -> None:
+        """After a commit: the entity index follows (a failure leaves the tx committed, and
+        reads fall back to scanning the datoms until the next open catches the index up)."""
+        if self._index is None or not self.indexed:
+            return
+        try:
+            self._index.add(rows, tx)
+        except sqlite3.Error as e:
+            log.error("entity index update failed (%s); entity reads scan until the ledger reopens", e)
+            self.indexed = False
+
+    def _catch_up_index(self) -> None:
+        """Add to the entity index what it lacks: rows of txs after its `through` mark, from the
+        sealed datoms and the tail. A mark beyond the head means another history: rebuild."""
+        index, head = self._index, self._head.tx
+        if index is None:
+            return
+        through = index.through()
+        if through > head:
+            log.warning("entity index is ahead of the ledger (tx %s > %s); rebuilding it", through, head)
+            index.clear()
+            through = 0
+        if through == head:
+            return
+        with self.snapshot() as (cur, files):
+            sources = []
+            if files["datoms"]:
+                paths = ", ".join(quote(f) for f in files["datoms"])
+                sources.append(
+                    "SELECT e, tx, seq, epoch_us(any_value(valid_time)), epoch_us(any_value(tx_time)), "
+                    "any_value(record_id), CAST(json_group_object(a, v) AS VARCHAR) "
+                    f"FROM read_parquet([{paths}]) WHERE tx > {through} GROUP BY e, tx, seq"
+                )
+            sources.append(
+                "SELECT e, tx, seq, epoch_us(valid_time), epoch_us(tx_time), CAST(record_id AS VARCHAR), "
+                f"attrs FROM tail_index WHERE tx > {through}"
+            )
+            result = cur.execute(" UNION ALL ".join(sources))
+            while batch := result.fetchmany(100_000):
+                index.add(batch, through)  # `through` moves only once every row is in
+        index.add((), head)
 
     def _tail_count(self) -> int:
         row = self._con.execute("SELECT count(*) FROM tail_records").fetchone()
@@ -605,8 +664,8 @@ class Ledger:
                     [first, last, seg.segment_name(first, last), count[0] if count else 0,
                      json.dumps(hashes), datetime.now(UTC)],
                 )
-                for relation in RELATIONS.keys() - DERIVED:  # the entity index keeps every row
-                    con.execute(f"DELETE FROM tail_{relation} WHERE tx BETWEEN {first} AND {last}")
+                for table in TAIL_TABLES:
+                    con.execute(f"DELETE FROM {table} WHERE tx BETWEEN {first} AND {last}")
                 con.execute(
                     "DELETE FROM offsets o WHERE tx < (SELECT max(tx) FROM offsets l WHERE "
                     "l.consumer = o.consumer AND l.topic = o.topic AND l.partition = o.partition)"
@@ -827,7 +886,11 @@ class _ChainCheck:
             if len(rows) != n_rec:
                 self.bad = (tx, f"expected {n_rec} records, found {len(rows)}")
                 return False
-            hashes = [_record(row).hash for row in rows]
+            try:
+                hashes = [_record(row).hash for row in rows]
+            except (TypeError, ValueError, AttributeError) as e:  # a damaged file read as other types
+                self.bad = (tx, f"a record of tx {tx} cannot be read: {e}")
+                return False
             q_hashes = quarantine.pop(tx, [])
             if len(q_hashes) != n_q:
                 self.bad = (tx, f"expected {n_q} quarantined items, found {len(q_hashes)}")

@@ -165,25 +165,17 @@ class Database:
     def _with_valid(self, valid_at: datetime | str | None) -> Pin:
         return self.pin if valid_at is None else replace(self.pin, valid_at=to_utc(valid_at, "valid_at"))
 
-    def _datoms_of(self, e: str, pin: Pin, *, provenance: bool = False) -> list[tuple[Any, ...]]:
+    def _datoms_of(self, e: str, pin: Pin) -> list[tuple[Any, ...]]:
         """(a, v, op, tx, seq, valid_us, tx_us, record_id) of one entity within `pin`, in
-        (tx, seq, a) order; v is the Python value, times are epoch microseconds (tx_us and
-        record_id are None unless `provenance`). The writer looks them up in its entity index (one
-        statement: atomic without a snapshot); others scan."""
+        (tx, seq, a) order; v is the Python value, times are epoch microseconds. The writer reads
+        its entity index; snapshots scan the datoms."""
         lo = -1 if pin.since is None else pin.since
         vt = None if pin.valid_at is None else _epoch_us(pin.valid_at)
         if self._ledger.indexed:
-            # Only `e = ?`: any other predicate keeps DuckDB from using the index. Each column
-            # read costs: point reads skip the provenance.
-            extra = "epoch_us(tx_time), CAST(record_id AS VARCHAR)" if provenance else "NULL, NULL"
-            rows = self._ledger.cursor().execute(
-                f"SELECT tx, seq, epoch_us(valid_time), {extra}, attrs FROM entity_index WHERE e = ?",
-                [str(e)],
-            ).fetchall()
             key = self._ledger.rules.entity_key
             kept = [
                 (a, v, v is not None, tx, seq, vus, tus, rid)
-                for tx, seq, vus, tus, rid, attrs in rows
+                for tx, seq, vus, tus, rid, attrs in self._ledger.index_rows(str(e))
                 if lo < tx <= pin.basis and (vt is None or vus <= vt)
                 for a, v in attributes(loads(attrs), key)
             ]
@@ -232,7 +224,7 @@ class Database:
         return [
             Datom(e=e, a=a, v=v, tx=tx, tx_time=_from_epoch_us(tus), op=op,
                   valid_time=_from_epoch_us(vus), record_id=rid)
-            for a, v, op, tx, _seq, vus, tus, rid in self._datoms_of(e, pin, provenance=True)
+            for a, v, op, tx, _seq, vus, tus, rid in self._datoms_of(e, pin)
         ]
 
     def sql(

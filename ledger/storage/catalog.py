@@ -63,7 +63,7 @@ RELATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 
-# Relations whose tail is a view over another table (tail_datoms over entity_index).
+# Relations whose tail is a view over another table (tail_datoms over tail_index).
 DERIVED = frozenset({"datoms"})
 
 INDEX_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -99,13 +99,12 @@ CATALOG_DDL = [
         consumer VARCHAR NOT NULL, topic VARCHAR NOT NULL, partition INTEGER NOT NULL,
         next_offset BIGINT NOT NULL, generation INTEGER NOT NULL, last_digest VARCHAR,
         tx BIGINT NOT NULL)""",
-    # Every event that names an entity, indexed by entity: as-of entity reads are point lookups.
-    # One row per event (not per datom) keeps appends and the index small; `attrs` is the JSON
-    # object of the event's attributes (its `data`, or {a: null} for each attribute a deletion
-    # retracts). Sealed datoms also live in Parquet, unpacked, for SQL and outside readers.
-    "CREATE TABLE IF NOT EXISTS entity_index ("
+    # The unsealed events that name an entity, one row per event (not per datom): `attrs` is the
+    # JSON object of the event's attributes (its `data`, or {a: null} for each attribute a
+    # deletion retracts). The tail datoms are unpacked from it; a seal writes them to Parquet.
+    # (Point reads go to the entity index, ledger.storage.index, which holds every tx.)
+    "CREATE TABLE IF NOT EXISTS tail_index ("
     + ", ".join(f"{col} {typ}" for col, typ in INDEX_COLUMNS) + ")",
-    "CREATE INDEX IF NOT EXISTS entity_index_e ON entity_index (e)",
     *(
         f"CREATE TABLE IF NOT EXISTS tail_{name} ("
         + ", ".join(f"{col} {typ}" for col, typ in cols)
@@ -116,16 +115,19 @@ CATALOG_DDL = [
 
 
 def tail_datoms_ddl(entity_key: str | None) -> str:
-    """The unsealed datoms, unpacked from the entity index. `entity_key` (the top-level field that
-    holds the entity id, None for a nested path) is not an attribute."""
+    """The unsealed datoms, unpacked from tail_index. `entity_key` (the top-level field that holds
+    the entity id, None for a nested path) is not an attribute."""
     skip = "" if entity_key is None else f" WHERE kv.key <> {quote(entity_key)}"
     return (
         "CREATE OR REPLACE VIEW tail_datoms AS SELECT e, kv.key AS a, kv.value AS v, "
         "kv.value IS NOT NULL AS op, tx, seq, tx_time, valid_time, CAST(record_id AS VARCHAR) AS record_id "
         "FROM (SELECT *, unnest(map_entries(CAST(CAST(attrs AS JSON) AS MAP(VARCHAR, JSON)))) AS kv "
-        "FROM entity_index "
-        f"WHERE tx > (SELECT coalesce(max(last_tx), 0) FROM segments)){skip}"
+        f"FROM tail_index){skip}"
     )
+
+
+# Every table holding unsealed transactions: a seal empties them, a snapshot copies them.
+TAIL_TABLES = (*(f"tail_{r}" for r in RELATIONS if r not in DERIVED), "tail_index")
 
 
 def columns(relation: str) -> str:
