@@ -496,6 +496,7 @@ class Ledger:
             (duplicates if r.id in seen else unique).append(r)
             seen.add(r.id)
         con = self._con
+        staged = False
         con.execute("BEGIN TRANSACTION")
         try:
             stored = unique
@@ -517,6 +518,7 @@ class Ledger:
             tx_us = _micros(tx_time)
             rec_rows, rec_hashes = _record_rows(stored, tx, tx_us)
             index_rows = self._index_rows(con, stored, tx, tx_us, rec_rows["valid_time"])
+            staged = self._stage_index(zip(*(index_rows[c] for c in idx.COLUMNS), strict=True))
             q_rows, q_hashes = _quarantine_rows(quarantine, tx)
             tx_hash = chain.tx_hash(
                 tx=tx, tx_us=tx_us, prev_hash=head.hash, meta=meta,
@@ -544,8 +546,11 @@ class Ledger:
         except BaseException:
             with suppress(duckdb.Error):
                 con.execute("ROLLBACK")
+            if staged and self._index is not None:
+                self._index.abort()
             raise
-        self._add_to_index(zip(*(index_rows[c] for c in idx.COLUMNS), strict=True), tx)
+        if staged:
+            self._commit_index(tx)
         self._head = Head(tx, tx_time, tx_hash)
         report = TxReport(
             tx=tx, tx_time=tx_time, hash=tx_hash, ids=tuple(r.id for r in stored),
@@ -597,13 +602,19 @@ class Ledger:
             raise LedgerError("this ledger has no entity index (a read-only snapshot)")
         return self._index.rows(e)
 
-    def _add_to_index(self, rows: Iterable[idx.IndexRow], tx: int) -> None:
-        """After a commit: the entity index follows (a failure leaves the tx committed, and
-        reads fall back to scanning the datoms until the next open catches the index up)."""
+    def _stage_index(self, rows: Iterable[idx.IndexRow]) -> bool:
+        """Start writing a tx's index rows while DuckDB commits it; False when there is no index."""
         if self._index is None or not self.indexed:
-            return
+            return False
+        self._index.stage(rows)
+        return True
+
+    def _commit_index(self, tx: int) -> None:
+        """After the DuckDB commit, the index's. A failure leaves the tx committed, and reads
+        scan the datoms until the next open catches the index up."""
+        assert self._index is not None
         try:
-            self._index.add(rows, tx)
+            self._index.commit(tx)
         except sqlite3.Error as e:
             log.error("entity index update failed (%s); entity reads scan until the ledger reopens", e)
             self.indexed = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,11 +26,15 @@ FILE = "entity_index.sqlite"
 IndexRow = tuple[str, int, int, int, int, str, str]
 COLUMNS = ("e", "tx", "seq", "valid_time", "tx_time", "record_id", "attrs")  # of tail_index, in that order
 
+# Rows go to the end of a rowid table (tx order) and only the small (e, tx, seq) entries into a
+# B-tree: measured 6 us a row against 26 for a table clustered by entity, whose wide leaf pages
+# every batch of random entities rewrites.
 _DDL = (
+    "PRAGMA page_size = 16384",  # fewer, larger pages per batch (measured: 10 -> 6 us a row)
     """CREATE TABLE IF NOT EXISTS entity_index (
         e TEXT NOT NULL, tx INTEGER NOT NULL, seq INTEGER NOT NULL, valid_us INTEGER NOT NULL,
-        tx_us INTEGER NOT NULL, record_id TEXT NOT NULL, attrs TEXT NOT NULL,
-        PRIMARY KEY (e, tx, seq)) WITHOUT ROWID""",
+        tx_us INTEGER NOT NULL, record_id TEXT NOT NULL, attrs TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS entity_index_e ON entity_index (e, tx, seq)",
     "CREATE TABLE IF NOT EXISTS index_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
 
@@ -40,15 +45,20 @@ class EntityIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._write = self._connect()
+        for ddl in _DDL:
+            self._write.execute(ddl)
         # WAL: readers never block the writer. NORMAL: no fsync per commit; a commit lost to a
         # power cut is caught up at the next open, like any other gap.
         self._write.execute("PRAGMA journal_mode = WAL")
         self._write.execute("PRAGMA synchronous = NORMAL")
-        for ddl in _DDL:
-            self._write.execute(ddl)
+        self._write.execute("PRAGMA cache_size = -65536")  # 64 MiB for the writer's B-tree pages
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        # The writer's connection lives on this thread: a batch is inserted while DuckDB commits
+        # the same tx (sqlite3 releases the GIL while it works), then committed after it.
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="entity-index")
+        self._pending: Future[None] | None = None
 
     def _connect(self) -> sqlite3.Connection:
         # Each connection is used by one thread at a time; close() may come from another.
@@ -56,26 +66,57 @@ class EntityIndex:
 
     def through(self) -> int:
         """The last tx whose rows are all in the index."""
-        row = self._write.execute("SELECT value FROM index_meta WHERE key = 'through_tx'").fetchone()
-        return int(row[0]) if row else 0
+        def run() -> int:
+            row = self._write.execute("SELECT value FROM index_meta WHERE key = 'through_tx'").fetchone()
+            return int(row[0]) if row else 0
+        return self._worker.submit(run).result()
 
     def add(self, rows: Iterable[IndexRow], through_tx: int) -> None:
         """Add rows and move `through` to `through_tx`, atomically."""
-        con = self._write
-        con.execute("BEGIN")
+        self.stage(rows)
+        self.commit(through_tx)
+
+    def stage(self, rows: Iterable[IndexRow]) -> None:
+        """Start inserting rows in an open transaction, in the background; commit() or abort()
+        ends it. Rows are sorted by entity first: neighbouring index entries, fewer pages."""
+        if self._pending is not None:
+            raise RuntimeError("a staged batch is still open")
+        self._pending = self._worker.submit(self._insert, sorted(rows))
+
+    def _insert(self, rows: list[IndexRow]) -> None:
+        self._write.execute("BEGIN")
         try:
-            con.executemany("INSERT OR REPLACE INTO entity_index VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            con.execute(
-                "INSERT OR REPLACE INTO index_meta VALUES ('through_tx', ?)", (through_tx,)
-            )
-            con.execute("COMMIT")
+            self._write.executemany("INSERT INTO entity_index VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         except BaseException:
-            con.execute("ROLLBACK")
+            self._write.execute("ROLLBACK")
             raise
 
+    def commit(self, through_tx: int) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError("nothing staged")
+        pending.result()  # raises what the insert raised (and its transaction is rolled back)
+        self._worker.submit(self._commit, through_tx).result()
+
+    def _commit(self, through_tx: int) -> None:
+        try:
+            self._write.execute("INSERT OR REPLACE INTO index_meta VALUES ('through_tx', ?)", (through_tx,))
+            self._write.execute("COMMIT")
+        except BaseException:
+            self._write.execute("ROLLBACK")
+            raise
+
+    def abort(self) -> None:
+        """Drop the staged batch (its DuckDB transaction did not commit)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.exception() is None:
+            self._worker.submit(self._write.execute, "ROLLBACK").result()
+
     def clear(self) -> None:
-        self._write.execute("DELETE FROM entity_index")
-        self._write.execute("DELETE FROM index_meta")
+        def run() -> None:
+            self._write.execute("DELETE FROM entity_index")
+            self._write.execute("DELETE FROM index_meta")
+        self._worker.submit(run).result()
 
     def rows(self, e: str) -> list[tuple[Any, ...]]:
         """(tx, seq, valid_us, tx_us, record_id, attrs) of entity e, in (tx, seq) order."""
@@ -86,11 +127,15 @@ class EntityIndex:
             with self._lock:
                 self._readers.append(con)
         return con.execute(
-            "SELECT tx, seq, valid_us, tx_us, record_id, attrs FROM entity_index WHERE e = ?", (e,)
+            "SELECT tx, seq, valid_us, tx_us, record_id, attrs FROM entity_index WHERE e = ? "
+            "ORDER BY tx, seq", (e,)
         ).fetchall()
 
     def close(self) -> None:
+        self.abort()
+        self._worker.submit(self._write.close).result()
+        self._worker.shutdown()
         with self._lock:
-            for con in [*self._readers, self._write]:
+            for con in self._readers:
                 con.close()
             self._readers.clear()
