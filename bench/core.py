@@ -230,10 +230,11 @@ class System:
 class LedgerSystem(System):
     name = "ledger"
 
-    def __init__(self, workdir: Path, seal_every: int) -> None:
+    def __init__(self, workdir: Path, seal_every: int, timeout: float) -> None:
         self.workdir = workdir
         self.seal_every = seal_every
-        self.settings = {"seal_every": seal_every, "duckdb_threads": "default"}
+        self.timeout = timeout  # the peers' limit too (the ledger's own default is 30 s)
+        self.settings = {"seal_every": seal_every, "duckdb_threads": "default", "query_timeout_s": timeout}
         self.lg: Ledger | None = None
         self.seal_times: list[float] = []
 
@@ -264,14 +265,16 @@ class LedgerSystem(System):
     def aggregate(self) -> list[tuple[str, str, int]]:
         assert self.lg is not None
         rows = self.lg.sql(
-            "SELECT action, CAST(valid_time AS DATE) AS day, count(*) AS n FROM log GROUP BY ALL"
+            "SELECT action, CAST(valid_time AS DATE) AS day, count(*) AS n FROM log GROUP BY ALL",
+            timeout=self.timeout,
         ).to_pylist()
         return [(r["action"], day_of(r["day"]), r["n"]) for r in rows]
 
     def rebuild(self, t: int) -> tuple[int, int]:
         assert self.lg is not None
         row = self.lg.sql(
-            "SELECT count(*) AS n, sum(length(CAST(state AS VARCHAR))) AS chars FROM entities", as_of=t
+            "SELECT count(*) AS n, sum(length(CAST(state AS VARCHAR))) AS chars FROM entities", as_of=t,
+            timeout=self.timeout,
         ).to_pylist()[0]
         return int(row["n"]), int(row["chars"] or 0)
 
@@ -823,7 +826,7 @@ def run(
             log(f"== {name}")
             system: System
             if name == "ledger":
-                system = LedgerSystem(args.workdir, args.seal_every)
+                system = LedgerSystem(args.workdir, args.seal_every, args.query_timeout)
             elif name == "sqlite":
                 system = SQLiteSystem(args.workdir, args.sqlite_synchronous, args.query_timeout)
             elif name == "postgres":
