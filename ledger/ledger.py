@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sqlite3
 import threading
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -615,7 +614,7 @@ class Ledger:
         assert self._index is not None
         try:
             self._index.commit(tx)
-        except sqlite3.Error as e:
+        except Exception as e:  # the tx is committed: append() must not report it as failed
             log.error("entity index update failed (%s); entity reads scan until the ledger reopens", e)
             self.indexed = False
 

@@ -92,3 +92,19 @@ def test_an_index_ahead_of_the_ledger_is_rebuilt(tmp_path: Path) -> None:
     with Ledger.open(tmp_path) as lg:
         assert answers(lg) == expected
         assert lg.index_rows("e1")[-1][0] <= lg.head.tx
+
+
+def test_a_failing_index_never_fails_an_append_and_reads_fall_back_to_a_scan(tmp_path: Path) -> None:
+    lg = build(tmp_path)
+    assert lg._index is not None
+    lg._index._write.close()  # fault injection: every index write now fails
+    report = lg.append([{"kind": "event", "action": "thing-changed", "data": {"id": "e1", "z": 7}},
+                        {"kind": "event", "action": "thing-deleted", "data": {"id": "e2"}}])
+    assert report.tx == lg.head.tx and not lg.indexed  # committed; reads scan from now on
+    assert (lg.entity("e1") or {}).get("z") == 7 and lg.entity("e2") is None
+    got = answers(lg)
+    lg.close()
+    expected = scanned(tmp_path)
+    assert got == expected
+    with Ledger.open(tmp_path) as again:  # the next open catches the index up
+        assert again.indexed and answers(again) == expected

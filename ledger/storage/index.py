@@ -55,8 +55,8 @@ class EntityIndex:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        # The writer's connection lives on this thread: a batch is inserted while DuckDB commits
-        # the same tx (sqlite3 releases the GIL while it works), then committed after it.
+        # Every write runs on one worker thread: a batch is inserted while DuckDB commits the
+        # same tx (sqlite3 releases the GIL while it works), then committed after it.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="entity-index")
         self._pending: Future[None] | None = None
 
