@@ -517,7 +517,7 @@ class Ledger:
             tx_us = _micros(tx_time)
             rec_rows, rec_hashes = _record_rows(stored, tx, tx_us)
             index_rows = self._index_rows(con, stored, tx, tx_us, rec_rows["valid_time"])
-            staged = self._stage_index(zip(*(index_rows[c] for c in idx.COLUMNS), strict=True))
+            staged = self._stage_index(zip(*(index_rows[c] for c, _ in INDEX_COLUMNS), strict=True))
             q_rows, q_hashes = _quarantine_rows(quarantine, tx)
             tx_hash = chain.tx_hash(
                 tx=tx, tx_us=tx_us, prev_hash=head.hash, meta=meta,

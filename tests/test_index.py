@@ -67,15 +67,21 @@ def test_a_deleted_index_is_rebuilt_on_open(tmp_path: Path) -> None:
         assert answers(lg) == expected
 
 
+def tamper(root: Path, *statements: str) -> None:
+    """Change the index file behind the ledger's back (it is closed)."""
+    con = sqlite3.connect(root / idx.FILE)
+    with con:
+        for sql in statements:
+            con.execute(sql)
+    con.close()
+
+
 def test_an_index_behind_the_ledger_catches_up(tmp_path: Path) -> None:
     """As after a crash between the DuckDB commit and the index's: its last txs are missing."""
     build(tmp_path).close()
     expected = scanned(tmp_path)
-    con = sqlite3.connect(tmp_path / idx.FILE)
-    with con:
-        con.execute("DELETE FROM entity_index WHERE tx > 15")
-        con.execute("UPDATE index_meta SET value = 15 WHERE key = 'through_tx'")
-    con.close()
+    tamper(tmp_path, "DELETE FROM entity_index WHERE tx > 15",
+           "UPDATE index_meta SET value = 15 WHERE key = 'through_tx'")
     with Ledger.open(tmp_path) as lg:
         assert answers(lg) == expected
 
@@ -84,11 +90,8 @@ def test_an_index_ahead_of_the_ledger_is_rebuilt(tmp_path: Path) -> None:
     """An index from another history (say, a data dir restored without its index file)."""
     build(tmp_path).close()
     expected = scanned(tmp_path)
-    con = sqlite3.connect(tmp_path / idx.FILE)
-    with con:
-        con.execute("INSERT INTO entity_index VALUES ('e1', 999, 0, 0, 0, 'x', '{\"a\": \"ghost\"}')")
-        con.execute("UPDATE index_meta SET value = 999 WHERE key = 'through_tx'")
-    con.close()
+    tamper(tmp_path, "INSERT INTO entity_index VALUES ('e1', 999, 0, 0, 0, 'x', '{\"a\": \"ghost\"}')",
+           "UPDATE index_meta SET value = 999 WHERE key = 'through_tx'")
     with Ledger.open(tmp_path) as lg:
         assert answers(lg) == expected
         assert lg.index_rows("e1")[-1][0] <= lg.head.tx

@@ -70,8 +70,8 @@ INDEX_COLUMNS: tuple[tuple[str, str], ...] = (
     ("e", "VARCHAR NOT NULL"),
     ("tx", "BIGINT NOT NULL"),
     ("seq", "INTEGER NOT NULL"),
+    ("valid_time", "TIMESTAMPTZ NOT NULL"),  # the order of ledger.storage.index's rows
     ("tx_time", "TIMESTAMPTZ NOT NULL"),
-    ("valid_time", "TIMESTAMPTZ NOT NULL"),
     ("record_id", "UUID NOT NULL"),
     ("attrs", "VARCHAR NOT NULL"),  # JSON we wrote; VARCHAR skips a re-parse on insert
 )

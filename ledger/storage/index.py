@@ -24,7 +24,6 @@ FILE = "entity_index.sqlite"
 # (e, tx, seq, valid_us, tx_us, record_id, attrs): attrs is the JSON object of the event's
 # attributes (see ledger.datoms); times are epoch microseconds.
 IndexRow = tuple[str, int, int, int, int, str, str]
-COLUMNS = ("e", "tx", "seq", "valid_time", "tx_time", "record_id", "attrs")  # of tail_index, in that order
 
 # Rows go to the end of a rowid table (tx order) and only the small (e, tx, seq) entries into a
 # B-tree: measured 6 us a row against 26 for a table clustered by entity, whose wide leaf pages
