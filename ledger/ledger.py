@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from contextlib import contextmanager, suppress
@@ -53,7 +54,6 @@ from ledger.storage.catalog import (
 from ledger.temporal import DEFAULT_TIMEOUT, Database, Pin, TimePoint, check_time_point
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 log = logging.getLogger(__name__)
@@ -743,12 +743,23 @@ class Ledger:
         ).to_pylist()[0]
         with self.snapshot() as (cur, _):
             segs = cur.execute("SELECT count(*), coalesce(max(last_tx), 0) FROM segments").fetchone()
-        size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        size = _bytes_under(self.root)
         return {
             "data_dir": str(self.root), **counts, **self.digest(),
             "segments": segs[0] if segs else 0, "sealed_through_tx": segs[1] if segs else 0,
             "bytes_on_disk": size, "complete": self.complete, "note": self.note,
         }
+
+
+def _bytes_under(root: Path) -> int:
+    """Bytes of the files under root. A writer in another process may be sealing (its `.tmp-`
+    directory comes and goes): what vanishes while we walk is not counted."""
+    total = 0
+    for folder, _dirs, files in os.walk(root):  # os.walk skips directories that vanish
+        for name in files:
+            with suppress(FileNotFoundError):
+                total += os.stat(os.path.join(folder, name)).st_size
+    return total
 
 
 def _confine(con: duckdb.DuckDBPyConnection, root: Path) -> None:
