@@ -3,8 +3,11 @@ valid time (bitemporal). Each read runs in one DuckDB snapshot, so it never sees
 
 from __future__ import annotations
 
+import json
 import re
 import threading
+from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -14,10 +17,10 @@ import duckdb
 from ledger.datoms import attributes
 from ledger.errors import InvalidQuery, InvalidTime
 from ledger.records import Datom, loads, to_utc
-from ledger.storage.catalog import union_sql
+from ledger.storage.catalog import columns, datoms_sql, index_rows_sql, union_sql
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Sequence
 
     import pyarrow as pa
 
@@ -250,34 +253,144 @@ class Database:
         text = query if plan is None else f"{query}\n{plan.text}"
         past |= set() if plan is None else plan.past
         with self._ledger.snapshot() as (cur, files):
-            for p, suffix in [(pin, ""), *((replace(pin, basis=t), suffix_for(t)) for t in sorted(past))]:
-                wanted = needed_relations(text, suffix)
-                for name, body in relation_views(p, files, suffix).items():
-                    if name in wanted:
-                        cur.execute(f"CREATE TEMP VIEW {name} AS {body}")
-            if plan is not None:
-                plan.install(cur)
-            timer = None if timeout is None else threading.Timer(timeout, cur.interrupt)
-            if timer is not None:
-                timer.daemon = True
-                timer.start()
+            bodies = {
+                name: body
+                for p, suffix in [(pin, ""), *((replace(pin, basis=t), suffix_for(t)) for t in sorted(past))]
+                for name, body in relation_views(p, files, suffix).items()
+                if name in needed_relations(text, suffix)
+            }
+
+            def run(sql: str) -> pa.Table:
+                timer = None if timeout is None else threading.Timer(timeout, cur.interrupt)
+                if timer is not None:
+                    timer.daemon = True
+                    timer.start()
+                try:
+                    rel = cur.sql(sql, params=params)
+                    if rel is None:
+                        raise InvalidQuery("the statement returned no result")
+                    return (rel if limit is None else rel.limit(limit + 1)).to_arrow_table()
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+
             try:
-                rel = cur.sql(query, params=params)
-                if limit is not None and rel is not None:
-                    rel = rel.limit(limit + 1)
-                table = rel.to_arrow_table() if rel is not None else None
+                ast = None if plan is not None else _select_ast(cur, query)
+                if ast is not None:
+                    # A plain SELECT: the relations go in as leading CTEs (creating temp views
+                    # costs milliseconds each). Any error in binding it is reported by the
+                    # temp-view path below, whose messages point into the caller's own text.
+                    self._from_index(bodies, ast, pin, params)
+                    ctes = ", ".join(f"{n} AS NOT MATERIALIZED ({b})" for n, b in bodies.items())
+                    with suppress(duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException):
+                        table = run(f"WITH {ctes}\n{query}" if ctes else query)
+                        return _limited(table, limit)
+                for name, body in bodies.items():
+                    cur.execute(f"CREATE TEMP VIEW {name} AS {body}")
+                if plan is not None:
+                    plan.install(cur)
+                table = run(query)
             except duckdb.InterruptException as e:
                 raise InvalidQuery(f"query interrupted: it ran longer than the {timeout} s limit") from e
             except duckdb.Error as e:
                 raise InvalidQuery((plan and plan.explain(str(e))) or str(e).strip()) from e
-            finally:
-                if timer is not None:
-                    timer.cancel()
-        if table is None:
-            raise InvalidQuery("the statement returned no result")
-        if limit is not None and table.num_rows > limit:
-            table = table.slice(0, limit).replace_schema_metadata({"truncated": "true"})
-        return table
+        return _limited(table, limit)
+
+    def _from_index(
+        self, bodies: dict[str, str], ast: Mapping[str, Any], pin: Pin,
+        params: Sequence[Any] | Mapping[str, Any] | None,
+    ) -> None:
+        """Serve `datoms` from the entity index when the query reads only a few entities' datoms
+        (`... FROM datoms|entities WHERE e = x [AND ...]`): a lookup then costs the same however
+        many segments the ledger has."""
+        if "datoms" not in bodies or not self._ledger.indexed:
+            return
+        wanted = _pinned_entities(ast, params)
+        if wanted is None:
+            return
+        rows = [(e, *row) for e in sorted(wanted) for row in self._ledger.index_rows(e)]
+        if len(rows) <= INLINE_INDEX_ROWS:
+            source = datoms_sql(index_rows_sql(rows), self._ledger.rules.entity_key)
+            bodies["datoms"] = f"SELECT {columns('datoms')} FROM ({source}) WHERE {pin.where()}"
+
+
+def _limited(table: pa.Table, limit: int | None) -> pa.Table:
+    if limit is not None and table.num_rows > limit:
+        table = table.slice(0, limit).replace_schema_metadata({"truncated": "true"})
+    return table
+
+
+INLINE_INDEX_ROWS = 2_000  # beyond this many index rows, scanning the datoms plans faster
+
+
+def _select_ast(cur: duckdb.DuckDBPyConnection, query: str) -> dict[str, Any] | None:
+    """DuckDB's parse tree of a SELECT that defines no CTEs of its own, else None."""
+    rows = cur.execute("SELECT json_serialize_sql($q)", {"q": query}).fetchall()
+    tree: dict[str, Any] = json.loads(rows[0][0]) if rows else {"error": True}
+    if tree.get("error") or len(tree["statements"]) != 1:
+        return None
+    node: dict[str, Any] = tree["statements"][0]
+    if node["node"].get("cte_map", {}).get("map"):
+        return None
+    return node
+
+
+def _pinned_entities(
+    statement: Mapping[str, Any], params: Sequence[Any] | Mapping[str, Any] | None
+) -> set[str] | None:
+    """The entity ids a `SELECT ... FROM datoms|entities [alias] WHERE e = x [AND ...]` (or
+    `e IN (x, ...)`) is restricted to, when that is its only use of those relations; else None."""
+    node = statement["node"]
+    source = node.get("from_table") or {}
+    if node.get("type") != "SELECT_NODE" or _entity_tables(node) != 1 or not _is_entity_table(source):
+        return None
+    names = {source["table_name"].lower(), source["alias"].lower()} - {""}
+
+    def value(expr: Mapping[str, Any]) -> str | None:
+        if expr.get("type") == "VALUE_CONSTANT" and expr["literal"].get("kind") in ("STRING", "VARCHAR"):
+            return str(expr["literal"]["text"])
+        if expr.get("type") == "VALUE_PARAMETER" and params is not None:
+            ident = expr["identifier"]
+            try:
+                got = params[ident] if isinstance(params, Mapping) else params[int(ident) - 1]
+            except (KeyError, IndexError, ValueError):
+                return None
+            return got if isinstance(got, str) else None
+        return None
+
+    def is_e(expr: Mapping[str, Any]) -> bool:
+        cols = [c.lower() for c in expr.get("column_names", ())]
+        return expr.get("type") == "COLUMN_REF" and (cols == ["e"] or (len(cols) == 2 and cols[0] in names
+                                                                        and cols[1] == "e"))
+
+    where = node.get("where_clause") or {}
+    conjuncts = where.get("children", []) if where.get("type") == "CONJUNCTION_AND" else [where]
+    for c in conjuncts:
+        if c.get("type") == "COMPARE_EQUAL":
+            for col, other in ((c["left"], c["right"]), (c["right"], c["left"])):
+                if is_e(col) and (v := value(other)) is not None:
+                    return {v}
+        if c.get("type") == "COMPARE_IN" and is_e(c["children"][0]):
+            found = [value(x) for x in c["children"][1:]]
+            if all(v is not None for v in found):
+                return {v for v in found if v is not None}
+    return None
+
+
+def _is_entity_table(ref: Mapping[str, Any]) -> bool:
+    return (
+        ref.get("type") == "BASE_TABLE" and not ref.get("schema_name") and not ref.get("catalog_name")
+        and str(ref.get("table_name", "")).lower() in ("datoms", "entities")
+    )
+
+
+def _entity_tables(tree: object) -> int:
+    """How many times the parse tree names datoms or entities as a table."""
+    if isinstance(tree, dict):
+        return int(_is_entity_table(tree)) + sum(_entity_tables(v) for v in tree.values())
+    if isinstance(tree, list):
+        return sum(_entity_tables(v) for v in tree)
+    return 0
 
 
 def check_time_point(t: object, what: str) -> int | datetime:

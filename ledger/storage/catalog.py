@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -114,15 +114,37 @@ CATALOG_DDL = [
 ]
 
 
-def tail_datoms_ddl(entity_key: str | None) -> str:
-    """The unsealed datoms, unpacked from tail_index. `entity_key` (the top-level field that holds
-    the entity id, None for a nested path) is not an attribute."""
+def datoms_sql(source: str, entity_key: str | None) -> str:
+    """Datoms unpacked from index rows (`source` has the columns of INDEX_COLUMNS).
+    `entity_key` (the top-level field that holds the entity id, None for a nested path) is not an
+    attribute."""
     skip = "" if entity_key is None else f" WHERE kv.key <> {quote(entity_key)}"
     return (
-        "CREATE OR REPLACE VIEW tail_datoms AS SELECT e, kv.key AS a, kv.value AS v, "
-        "kv.value IS NOT NULL AS op, tx, seq, tx_time, valid_time, CAST(record_id AS VARCHAR) AS record_id "
+        "SELECT e, kv.key AS a, kv.value AS v, kv.value IS NOT NULL AS op, tx, seq, tx_time, valid_time, "
+        "CAST(record_id AS VARCHAR) AS record_id "
         "FROM (SELECT *, unnest(map_entries(CAST(CAST(attrs AS JSON) AS MAP(VARCHAR, JSON)))) AS kv "
-        f"FROM tail_index){skip}"
+        f"FROM {source}){skip}"
+    )
+
+
+def tail_datoms_ddl(entity_key: str | None) -> str:
+    """The unsealed datoms, unpacked from tail_index."""
+    return f"CREATE OR REPLACE VIEW tail_datoms AS {datoms_sql('tail_index', entity_key)}"
+
+
+def index_rows_sql(rows: Sequence[tuple[Any, ...]]) -> str:
+    """Entity index rows (e, tx, seq, valid_us, tx_us, record_id, attrs) as a SQL source with
+    the columns of INDEX_COLUMNS (literals: small row counts only)."""
+    values = ", ".join(
+        f"({quote(e)}, {int(tx)}, {int(seq)}, {int(vus)}, {int(tus)}, {quote(rid)}, {quote(attrs)})"
+        for e, tx, seq, vus, tus, rid, attrs in rows
+    ) or "(NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
+    return (
+        "(SELECT CAST(e AS VARCHAR) AS e, CAST(tx AS BIGINT) AS tx, CAST(seq AS INTEGER) AS seq, "
+        "CAST(make_timestamp(CAST(vus AS BIGINT)) AS TIMESTAMPTZ) AS valid_time, "
+        "CAST(make_timestamp(CAST(tus AS BIGINT)) AS TIMESTAMPTZ) AS tx_time, "
+        "CAST(record_id AS VARCHAR) AS record_id, CAST(attrs AS VARCHAR) AS attrs "
+        f"FROM (VALUES {values}) AS rows(e, tx, seq, vus, tus, record_id, attrs) WHERE e IS NOT NULL)"
     )
 
 
