@@ -8,6 +8,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from aiokafka.errors import KafkaError
 from litestar import Controller, Request, Response, get, post
 
@@ -70,12 +71,10 @@ class CommandController(Controller):
                               "retry later")
         waiter = services.children.register(command["id"]) if sync else None
         try:
-            meta = await asyncio.wait_for(
-                producer.send_and_wait(
-                    services.settings.commands_topic, json.dumps(command).encode(), key=key.encode()
-                ),
-                services.settings.produce_timeout,
-            )
+            async with asyncio.timeout(services.settings.produce_timeout):
+                meta = await producer.send_and_wait(
+                    services.settings.commands_topic, msgspec.json.encode(command), key=key.encode()
+                )
         except (KafkaError, TimeoutError) as e:
             services.children.forget(command["id"])
             raise unavailable(f"Kafka did not accept the command ({type(e).__name__}: {e}); "

@@ -39,41 +39,78 @@ def machine() -> dict[str, Any]:
     return info
 
 
-async def sync_load(url: str, clients: int, seconds: float, accounts: list[str]) -> dict[str, float]:
+class Http:
+    """A minimal HTTP/1.1 keep-alive client for load generation; the load generator shares the
+    machine's cores with the server. Measured here, 50 clients for 5 s against GET /health:
+    httpx 524 req/s using 4.8 s of client CPU, this client 4,995 req/s using 1.1 s."""
+
+    def __init__(self, url: str) -> None:
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.host, self.port = host, int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        data = b"" if body is None else json.dumps(body).encode()
+        self.writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+        )
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        length = next(int(h.split(":", 1)[1]) for h in head if h.lower().startswith("content-length:"))
+        return int(head[0].split()[1]), json.loads(await self.reader.readexactly(length))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def sync_load(url: str, clients: int, seconds: float, accounts: list[str]) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     deadline = time.perf_counter() + seconds
 
     async def client(i: int) -> None:
         rng = random.Random(i)
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        http = Http(url)
+        try:
             while time.perf_counter() < deadline:
                 a, b = rng.sample(accounts, 2)
                 body = {"action": "transfer-money", "data": {"from_account": a, "to_account": b, "amount": 1}}
                 t0 = time.perf_counter()
-                r = await http.post("/commands", params={"sync": "true", "timeout": 10}, json=body)
+                status, answer = await http.request("POST", "/commands?sync=true&timeout=10", body)
                 latencies.append((time.perf_counter() - t0) * 1000)
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                statuses[status] = statuses.get(status, 0) + 1
+                assert status != 201 or answer["children"], answer
+        finally:
+            http.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
     elapsed = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=100)
     return {"clients": clients, "requests": len(latencies), "per_s": len(latencies) / elapsed,
-            "p50_ms": statistics.median(latencies), "p99_ms": q[98], "statuses": statuses}  # type: ignore[dict-item]
+            "p50_ms": statistics.median(latencies), "p99_ms": q[98], "statuses": statuses}
 
 
-async def async_load(url: str, clients: int, seconds: float) -> dict[str, float]:
+async def async_load(url: str, clients: int, seconds: float) -> dict[str, Any]:
     count = 0
     deadline = time.perf_counter() + seconds
 
     async def client() -> None:
         nonlocal count
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        http = Http(url)
+        try:
             while time.perf_counter() < deadline:
-                r = await http.post("/commands", json={"action": "ping", "data": {"n": count}})
-                assert r.status_code == 202, r.text
+                body = {"action": "ping", "data": {"n": count}}
+                status, answer = await http.request("POST", "/commands", body)
+                assert status == 202, answer
                 count += 1
+        finally:
+            http.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))

@@ -434,7 +434,7 @@ def run_serve(args: argparse.Namespace) -> int:
         settings.bootstrap, settings.embedded_broker = broker.bootstrap, True
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
-                    timeout_graceful_shutdown=10)
+                    access_log=setting(None, "LEDGER_ACCESS_LOG", "0") == "1", timeout_graceful_shutdown=10)
     finally:
         if broker is not None:
             broker.stop()
