@@ -263,13 +263,19 @@ class Database:
                 if name in needed_relations(text, suffix)
             }
 
-            def run(sql: str) -> pa.Table:
+            def run(sql: str, *, fallback: bool = False) -> pa.Table | None:
+                """The rows of `sql`; with `fallback`, None if DuckDB refuses it before it runs."""
                 timer = None if timeout is None else threading.Timer(timeout, cur.interrupt)
                 if timer is not None:
                     timer.daemon = True
                     timer.start()
                 try:
-                    rel = cur.sql(sql, params=params)
+                    try:
+                        rel = cur.sql(sql, params=params)
+                    except duckdb.Error as e:
+                        if fallback and not isinstance(e, duckdb.InterruptException):
+                            return None
+                        raise
                     if rel is None:
                         raise InvalidQuery("the statement returned no result")
                     return (rel if limit is None else rel.limit(limit + 1)).to_arrow_table()
@@ -281,18 +287,25 @@ class Database:
                 ast = None if plan is not None else _select_ast(cur, query)
                 if ast is not None:
                     # A plain SELECT: the relations go in as leading CTEs (creating temp views
-                    # costs milliseconds each). Any error in binding it is reported by the
-                    # temp-view path below, whose messages point into the caller's own text.
+                    # costs milliseconds each). If DuckDB refuses that statement, the temp-view
+                    # path below reports why, with messages that point into the caller's text.
                     self._from_index(bodies, ast, pin, params)
                     ctes = ", ".join(f"{n} AS NOT MATERIALIZED ({b})" for n, b in bodies.items())
-                    with suppress(duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException):
-                        table = run(f"WITH {ctes}\n{query}" if ctes else query)
+                    try:
+                        table = run(f"WITH {ctes}\n{query}" if ctes else query, fallback=True)
+                    except duckdb.Error as e:
+                        if isinstance(e, duckdb.InterruptException) or not ctes:
+                            raise
+                        # Raised while running: its "LINE n" counts the line of CTEs above.
+                        raise type(e)(_LINE.sub(lambda m: f"LINE {int(m[1]) - 1}:", str(e))) from e
+                    if table is not None:
                         return _limited(table, limit)
                 for name, body in bodies.items():
                     cur.execute(f"CREATE TEMP VIEW {name} AS {body}")
                 if plan is not None:
                     plan.install(cur)
                 table = run(query)
+                assert table is not None
             except duckdb.InterruptException as e:
                 raise InvalidQuery(f"query interrupted: it ran longer than the {timeout} s limit") from e
             except duckdb.Error as e:
@@ -315,6 +328,9 @@ class Database:
         if len(rows) <= INLINE_INDEX_ROWS:
             source = datoms_sql(index_rows_sql(rows), self._ledger.rules.entity_key)
             bodies["datoms"] = f"SELECT {columns('datoms')} FROM ({source}) WHERE {pin.where()}"
+
+
+_LINE = re.compile(r"\bLINE (\d+):")
 
 
 def _limited(table: pa.Table, limit: int | None) -> pa.Table:
@@ -350,16 +366,15 @@ def _pinned_entities(
     names = {source["table_name"].lower(), source["alias"].lower()} - {""}
 
     def value(expr: Mapping[str, Any]) -> str | None:
+        got: object = None
         if expr.get("type") == "VALUE_CONSTANT" and expr["literal"].get("kind") in ("STRING", "VARCHAR"):
-            return str(expr["literal"]["text"])
-        if expr.get("type") == "VALUE_PARAMETER" and params is not None:
+            got = expr["literal"]["text"]
+        elif expr.get("type") == "VALUE_PARAMETER" and params is not None:
             ident = expr["identifier"]
-            try:
+            with suppress(KeyError, IndexError, ValueError):
                 got = params[ident] if isinstance(params, Mapping) else params[int(ident) - 1]
-            except (KeyError, IndexError, ValueError):
-                return None
-            return got if isinstance(got, str) else None
-        return None
+        # Inlined as a SQL literal: no NUL, which would end the statement's text early.
+        return got if isinstance(got, str) and "\x00" not in got else None
 
     def is_e(expr: Mapping[str, Any]) -> bool:
         cols = [c.lower() for c in expr.get("column_names", ())]

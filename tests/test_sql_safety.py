@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import pytest
@@ -48,3 +49,37 @@ def test_long_queries_are_interrupted_and_rows_are_capped(lg: Ledger) -> None:
     assert table.num_rows == 3 and table.schema.metadata == {b"truncated": b"true"}
     assert lg.sql("SELECT * FROM log", limit=100).num_rows == 8
     assert lg.sql("SELECT 42 AS answer", timeout=5).to_pylist() == [{"answer": 42}]
+
+
+@pytest.mark.parametrize(("query", "expect"), [
+    ("SELECT nope FROM log", 'column "nope" not found'),
+    ("SELECT * FROM log WHERE", "LINE 1: SELECT * FROM log WHERE"),
+    ("SELECT CAST(action AS INTEGER) FROM log", "LINE 1: SELECT CAST(action AS INTEGER) FROM log"),
+    ("SELECT n FROM entities WHERE e = 'e1'", 'column "n" not found'),
+])
+def test_errors_point_into_the_callers_own_text(lg: Ledger, query: str, expect: str) -> None:
+    """Plain SELECTs run with the relations as CTEs above them; errors still quote the query as
+    written, with its own line numbers."""
+    with pytest.raises(InvalidQuery, match=re.escape(expect)) as err:
+        lg.sql(query)
+    assert "AS NOT MATERIALIZED" not in str(err.value)
+
+
+def test_entity_lookups_in_sql_agree_however_they_are_spelled(lg: Ledger) -> None:
+    """`e = x` / `e IN (...)` is served from the entity index; the same rows either way."""
+    lg.append([{"kind": "event", "action": "x-deleted", "data": {"id": "e3"}},
+               {"kind": "event", "action": "x", "data": {"id": "e'4", "n": None}}])
+    spellings = [
+        ("SELECT e, state FROM entities WHERE e = 'e1'", None),
+        ("SELECT e, state FROM entities WHERE e = $e", {"e": "e1"}),
+        ("SELECT e, state FROM entities AS s WHERE tx > 0 AND s.e = ?", ["e1"]),
+        ("SELECT e, state FROM entities WHERE e IN ('e1', 'e3', 'nobody')", None),
+    ]
+    scanned = lg.sql("SELECT e, state FROM entities WHERE e || '' = 'e1'").to_pylist()
+    assert scanned and scanned[0]["state"] == '{"n":1}'
+    for query, params in spellings:
+        assert lg.sql(query, params=params).to_pylist() == scanned, query
+    for e in ("e3", "e'4", "nobody"):
+        assert lg.sql("SELECT * FROM datoms WHERE e = $e ORDER BY tx, seq, a", params={"e": e}).to_pylist() == \
+            lg.sql("SELECT * FROM datoms WHERE e || '' = $e ORDER BY tx, seq, a", params={"e": e}).to_pylist()
+    assert lg.sql("SELECT * FROM entities WHERE e = 'e3'").num_rows == 0
