@@ -91,7 +91,9 @@ def _arrow_column(values: list[Any], sql_type: str) -> pa.Array:
     return arr.cast(_TIMESTAMP) if sql_type == "TIMESTAMPTZ" else arr
 
 
-_SMALL_BATCH = 64  # below this, bound parameters beat building an Arrow table
+# Below this many rows, bound parameters beat registering an Arrow table (measured, 300-byte
+# commands: 1 row 5.6 vs 8.3 ms a tx, 5 rows 7.6 vs 7.9, 40 rows 21.0 vs 10.9).
+_SMALL_BATCH = 8
 
 
 def _insert(
