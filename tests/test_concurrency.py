@@ -142,3 +142,43 @@ def test_a_database_value_answers_the_same_forever(tmp_path: Path) -> None:
         assert answers(again.as_of(at_t)) == before
     with Ledger.open(root, read_only=True) as snapshot:
         assert answers(snapshot.as_of(t)) == before
+
+
+def test_appends_go_on_while_a_seal_writes_its_segment(tmp_path: Path, monkeypatch: Any) -> None:
+    """A seal started by append() writes its Parquet files on its own thread: appends and reads
+    go on meanwhile, and close() waits for it to finish registering."""
+    from ledger.storage import segments
+
+    writing, release = threading.Event(), threading.Event()
+    real_write = segments.write_segment
+    sealing: list[int] = []  # (first_tx, last_tx) of the seal
+
+    def paused_write(*args: Any) -> dict[str, str]:
+        sealing.extend(args[2:4])
+        writing.set()
+        assert release.wait(30), "the test never released the seal"
+        return real_write(*args)
+
+    monkeypatch.setattr(segments, "write_segment", paused_write)
+    rng = random.Random(3)
+    lg = Ledger.open(tmp_path / "ledger", seal_every=100)
+    k = 0
+    while not writing.is_set():  # appends until one of them starts a seal
+        lg.append(batch(rng, k))
+        k += 1
+    assert writing.wait(10)
+    first, sealed_through = sealing
+    head = lg.head.tx
+    for _ in range(5):  # the seal is paused mid-write: appends still commit, reads see them
+        lg.append(batch(rng, k))
+        k += 1
+    assert first == 1 and lg.head.tx == head + 5
+    assert lg.sql(TORN).to_pylist() == []
+    assert lg.sql("SELECT count(*) AS n FROM segments").to_pylist() == [{"n": 0}]
+    release.set()
+    lg.close()  # waits for the seal
+    with Ledger.open(tmp_path / "ledger") as again:
+        assert again.sql("SELECT max(last_tx) AS t FROM segments").to_pylist() == [{"t": sealed_through}]
+        assert again.sql("SELECT min(tx) AS t FROM tail_transactions").to_pylist() == [{"t": sealed_through + 1}]
+        assert again.head.tx == k and again.verify().ok
+        assert again.sql(TORN).to_pylist() == []
