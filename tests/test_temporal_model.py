@@ -216,7 +216,8 @@ class LedgerMachine(RuleBasedStateMachine):
         got = rows("select state from entities where e = $e")
         want = self.model.entity(e, min(t, self.head), valid_at)
         assert [json.loads(r["state"]) for r in got] == ([want] if want else [])
-        for query in ("select * from entities where e = $e", "select * from datoms where e = $e order by tx, seq, a"):
+        for query in ("select * from entities where e = $e",
+                      "select * from datoms where e = $e order by tx, seq, a"):
             scanned = query.replace("e = $e", "e || '' = $e")
             assert rows(query) == rows(scanned), query
 
