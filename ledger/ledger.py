@@ -500,7 +500,10 @@ class Ledger:
 
     def _seal_quietly(self) -> None:
         try:
-            self.seal()
+            while self.seal() is not None:  # again if appends filled the tail meanwhile
+                with self._write_lock:
+                    if self._closed or self._tail_records < self.seal_every:
+                        return
         except Exception:
             if not self._closed:  # (closing stops a seal that had not started: nothing to say)
                 log.exception("sealing failed; the transactions stay in the tail (readable) and "

@@ -183,3 +183,16 @@ def test_appends_go_on_while_a_seal_writes_its_segment(tmp_path: Path, monkeypat
         assert tail == [{"t": sealed_through + 1}]
         assert again.head.tx == k and again.verify().ok
         assert again.sql(TORN).to_pylist() == []
+
+
+def test_a_background_seal_keeps_up_with_the_appends(tmp_path: Path) -> None:
+    """Appends that fill the tail while a seal runs get sealed by the same thread afterwards."""
+    rng = random.Random(5)
+    with Ledger.open(tmp_path / "ledger", seal_every=50) as lg:
+        for k in range(40):
+            lg.append(batch(rng, k))
+        assert lg._sealer is not None
+        lg._sealer.join()
+        tail = lg.sql("SELECT count(*) AS n FROM tail_records").to_pylist()[0]["n"]
+        assert tail < 50
+        assert lg.sql(TORN).to_pylist() == [] and lg.verify().ok
