@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import threading
+import weakref
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -116,6 +117,12 @@ def _insert(
     )
 
 
+# Data dirs this process has open for writing: DuckDB lets one process connect to a file twice, which
+# would make two writers (two heads, the same tx numbers) out of one.
+_WRITERS: weakref.WeakValueDictionary[Path, Ledger] = weakref.WeakValueDictionary()
+_WRITERS_LOCK = threading.Lock()  # held while a writer opens
+
+
 def _lock_holder(error: duckdb.Error) -> str:
     m = re.search(r"PID (\d+)", str(error))
     return m.group(1) if m else "unknown"
@@ -185,6 +192,19 @@ class Ledger:
         if read_only:
             return cls._open_snapshot(root, seal_every)
         root.mkdir(parents=True, exist_ok=True)
+        with _WRITERS_LOCK:
+            if root in _WRITERS:
+                raise LedgerLocked(
+                    f"ledger {root} is already open for writing in this process ({os.getpid()}); "
+                    "use that Ledger, or open it with read_only=True for a snapshot"
+                )
+            ledger = _WRITERS[root] = cls._open_writer(root, seal_every, entity_path, deletion)
+        return ledger
+
+    @classmethod
+    def _open_writer(
+        cls, root: Path, seal_every: int, entity_path: str | None, deletion: str | None
+    ) -> Ledger:
         try:
             con = duckdb.connect(str(root / DB_FILE))
         except duckdb.IOException as e:
@@ -251,6 +271,8 @@ class Ledger:
         for ddl in CATALOG_DDL:
             con.execute(ddl)
         copied = ["ledger_meta", "segments", "offsets", *TAIL_TABLES]
+        if root in _WRITERS:  # DuckDB refuses to attach a file this process has open: the segments only
+            return cls._open_sealed_only(root, con, seal_every, str(os.getpid()))
         try:
             con.execute(f"ATTACH {quote(str(db_file))} AS src (READ_ONLY)")
         except duckdb.IOException as e:
@@ -310,6 +332,8 @@ class Ledger:
             self._con.close()
             if self._index is not None:
                 self._index.close()
+        if not self.read_only and _WRITERS.get(self.root) is self:
+            del _WRITERS[self.root]
 
     def __enter__(self) -> Ledger:
         return self

@@ -17,7 +17,7 @@ import duckdb
 from ledger.datoms import attributes
 from ledger.errors import InvalidQuery, InvalidTime
 from ledger.records import Datom, loads, to_utc
-from ledger.storage.catalog import columns, datoms_sql, index_rows_sql, union_sql
+from ledger.storage.catalog import TAIL_TABLES, columns, datoms_sql, index_rows_sql, union_sql
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -255,44 +255,46 @@ class Database:
         plan = views.plan(self._ledger, query, pin)  # None unless the query names a user view
         text = query if plan is None else f"{query}\n{plan.text}"
         past |= set() if plan is None else plan.past
-        with self._ledger.snapshot() as (cur, files):
-            bodies = {
-                name: body
-                for p, suffix in [(pin, ""), *((replace(pin, basis=t), suffix_for(t)) for t in sorted(past))]
-                for name, body in relation_views(p, files, suffix).items()
-                if name in needed_relations(text, suffix)
-            }
+        pins = [(pin, ""), *((replace(pin, basis=t), suffix_for(t)) for t in sorted(past))]
+        allowed = {name + suffix for _, suffix in pins for name in RELATIONS}
+        if plan is not None:
+            allowed |= {name for name, _, _ in plan.order} | plan.pinned.keys()
+        # Parsed outside the snapshot: a statement that fails would abort its transaction.
+        statement = parse(self._ledger.cursor(), query)
+        check_relations(statement, query, allowed)
+        ast = None if plan is not None or _EXPLAIN.match(query) else _plain_select(statement)
 
-            def run(sql: str, *, fallback: bool = False) -> pa.Table | None:
-                """The rows of `sql`; with `fallback`, None if DuckDB refuses it before it runs."""
-                timer = None if timeout is None else threading.Timer(timeout, cur.interrupt)
-                if timer is not None:
-                    timer.daemon = True
-                    timer.start()
-                try:
-                    try:
-                        rel = cur.sql(sql, params=params)
-                    except duckdb.Error as e:
-                        if fallback and not isinstance(e, duckdb.InterruptException):
-                            return None
-                        raise
-                    if rel is None:
-                        raise InvalidQuery("the statement returned no result")
-                    return (rel if limit is None else rel.limit(limit + 1)).to_arrow_table()
-                finally:
-                    if timer is not None:
-                        timer.cancel()
-
+        def run(cur: duckdb.DuckDBPyConnection, sql: str, *, fallback: bool = False) -> pa.Table | None:
+            """The rows of `sql`; with `fallback`, None if DuckDB refuses it before it runs."""
+            timer = None if timeout is None else threading.Timer(timeout, cur.interrupt)
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
             try:
-                ast = None if plan is not None else _select_ast(cur, query)
-                if ast is not None:
-                    # A plain SELECT: the relations go in as leading CTEs (creating temp views
-                    # costs milliseconds each). If DuckDB refuses that statement, the temp-view
-                    # path below reports why, with messages that point into the caller's text.
+                try:
+                    rel = cur.sql(sql, params=params)
+                except duckdb.Error as e:
+                    if fallback and not isinstance(e, duckdb.InterruptException):
+                        return None
+                    raise
+                if rel is None:
+                    raise InvalidQuery("the statement returned no result")
+                return (rel if limit is None else rel.limit(limit + 1)).to_arrow_table()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+        try:
+            if ast is not None:
+                # A plain SELECT: the relations go in as leading CTEs (creating temp views costs
+                # milliseconds each). If DuckDB refuses that statement, the temp-view path below
+                # (in a snapshot of its own) reports why, with messages that point into the caller's text.
+                with self._ledger.snapshot() as (cur, files):
+                    bodies = _bodies(pins, files, text)
                     self._from_index(bodies, ast, pin, params)
                     ctes = ", ".join(f"{n} AS NOT MATERIALIZED ({b})" for n, b in bodies.items())
                     try:
-                        table = run(f"WITH {ctes}\n{query}" if ctes else query, fallback=True)
+                        table = run(cur, f"WITH {ctes}\n{query}" if ctes else query, fallback=True)
                     except duckdb.Error as e:
                         if isinstance(e, duckdb.InterruptException) or not ctes:
                             raise
@@ -300,16 +302,17 @@ class Database:
                         raise type(e)(_LINE.sub(lambda m: f"LINE {int(m[1]) - 1}:", str(e))) from e
                     if table is not None:
                         return _limited(table, limit)
-                for name, body in bodies.items():
+            with self._ledger.snapshot() as (cur, files):
+                for name, body in _bodies(pins, files, text).items():
                     cur.execute(f"CREATE TEMP VIEW {name} AS {body}")
                 if plan is not None:
-                    plan.install(cur)
-                table = run(query)
+                    plan.install(cur, timeout)
+                table = run(cur, query)
                 assert table is not None
-            except duckdb.InterruptException as e:
-                raise InvalidQuery(f"query interrupted: it ran longer than the {timeout} s limit") from e
-            except duckdb.Error as e:
-                raise InvalidQuery((plan and plan.explain(str(e))) or str(e).strip()) from e
+        except duckdb.InterruptException as e:
+            raise InvalidQuery(f"query interrupted: it ran longer than the {timeout} s limit") from e
+        except duckdb.Error as e:
+            raise InvalidQuery((plan and plan.explain(str(e))) or str(e).strip()) from e
         return _limited(table, limit)
 
     def _from_index(
@@ -333,6 +336,64 @@ class Database:
 _LINE = re.compile(r"\bLINE (\d+):")
 
 
+def _bodies(pins: Sequence[tuple[Pin, str]], files: Mapping[str, Sequence[str]], text: str) -> dict[str, str]:
+    """The SQL of each relation (at each pin) that `text` may read."""
+    return {
+        name: body
+        for p, suffix in pins
+        for name, body in relation_views(p, files, suffix).items()
+        if name in needed_relations(text, suffix)
+    }
+
+
+_EXPLAIN = re.compile(r"^\s*EXPLAIN(\s+ANALYZE)?\s+", re.IGNORECASE)
+# The catalog's own tables: rows newer than any as-of point, offsets, ... not the query's business.
+_INTERNAL = frozenset({"ledger_meta", "record_ids", "segments", "offsets", "tail_datoms", *TAIL_TABLES})
+
+
+def parse(cur: duckdb.DuckDBPyConnection, query: str) -> dict[str, Any] | None:
+    """DuckDB's parse tree of one query (of the query an EXPLAIN explains), or None."""
+    rows = cur.execute("SELECT json_serialize_sql($q)", {"q": _EXPLAIN.sub("", query, count=1)}).fetchall()
+    tree: dict[str, Any] = json.loads(rows[0][0]) if rows else {"error": True}
+    if tree.get("error") or len(tree["statements"]) != 1:
+        return None
+    statement: dict[str, Any] = tree["statements"][0]
+    return statement
+
+
+def check_relations(statement: Mapping[str, Any] | None, query: str, allowed: set[str]) -> None:
+    """Refuse tables other than the ledger's relations and views (and the query's own CTEs)."""
+    if statement is None:  # DuckDB cannot serialize it: look for the catalog's names in the text
+        names = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query)} & _INTERNAL
+    else:
+        names = _tables(statement, frozenset())
+    unknown = sorted(names - {a.lower() for a in allowed})
+    if unknown:
+        raise InvalidQuery(
+            f"unknown relation {unknown[0]!r}: queries read {', '.join(RELATIONS)} and the views "
+            "(GET /views, ledger views list)"
+        )
+
+
+def _tables(tree: object, ctes: frozenset[str]) -> set[str]:
+    """The table names a parse tree reads, less the CTEs in scope where each is named."""
+    found: set[str] = set()
+    if isinstance(tree, list):
+        for item in tree:
+            found |= _tables(item, ctes)
+    elif isinstance(tree, dict):
+        defined = (tree.get("cte_map") or {}).get("map") or []
+        if defined:
+            ctes = ctes | {str(c["key"]).lower() for c in defined}
+        if tree.get("type") in ("BASE_TABLE", "SHOW_REF") and tree.get("table_name"):
+            name = str(tree["table_name"]).lower()
+            if name not in ctes:
+                found.add(name)
+        for value in tree.values():
+            found |= _tables(value, ctes)
+    return found
+
+
 def _limited(table: pa.Table, limit: int | None) -> pa.Table:
     if limit is not None and table.num_rows > limit:
         table = table.slice(0, limit).replace_schema_metadata({"truncated": "true"})
@@ -342,16 +403,16 @@ def _limited(table: pa.Table, limit: int | None) -> pa.Table:
 INLINE_INDEX_ROWS = 2_000  # beyond this many index rows, scanning the datoms plans faster
 
 
-def _select_ast(cur: duckdb.DuckDBPyConnection, query: str) -> dict[str, Any] | None:
-    """DuckDB's parse tree of a SELECT that defines no CTEs of its own, else None."""
-    rows = cur.execute("SELECT json_serialize_sql($q)", {"q": query}).fetchall()
-    tree: dict[str, Any] = json.loads(rows[0][0]) if rows else {"error": True}
-    if tree.get("error") or len(tree["statements"]) != 1:
+def _plain_select(statement: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The parse tree of a SELECT that defines no CTEs of its own, else None."""
+    if statement is None:
         return None
-    node: dict[str, Any] = tree["statements"][0]
-    if node["node"].get("cte_map", {}).get("map"):
+    node = statement["node"]
+    if node.get("cte_map", {}).get("map"):
         return None
-    return node
+    if (node.get("from_table") or {}).get("type") == "SHOW_REF":
+        return None  # DESCRIBE, SUMMARIZE, SHOW: DuckDB takes no CTEs before them
+    return statement
 
 
 def _pinned_entities(

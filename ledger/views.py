@@ -215,15 +215,17 @@ class Plan:
         """The view bodies, so the caller binds the relations they mention."""
         return "\n".join(body for _, body, _ in self.order)
 
-    def install(self, cur: duckdb.DuckDBPyConnection) -> None:
+    def install(self, cur: duckdb.DuckDBPyConnection, timeout: float | None) -> None:
+        """Create the views on `cur`; what must be computed first (a view as of another tx, a
+        materialization's delta) runs within `timeout` seconds each."""
         for ident, (name, tx) in self.pinned.items():
             db = Database(self.ledger, replace(self.pin, basis=tx, since=None))
             try:
-                cur.register(ident, db.sql(f"SELECT * FROM {name}", timeout=None))
+                cur.register(ident, db.sql(f"SELECT * FROM {name}", timeout=timeout))
             except LedgerError as e:
                 self.broken[ident] = f"view {name!r} as of tx {tx}: {e}"
         for name, body, version in self.order:
-            source = self._materialized(cur, name, version) or body
+            source = self._materialized(cur, name, version, timeout) or body
             try:
                 cur.execute(f"CREATE TEMP VIEW {name} AS {source}")
             except duckdb.Error as e:
@@ -233,7 +235,9 @@ class Plan:
                     f"{self.pin.basis}: {_first_line(str(e))}"
                 )
 
-    def _materialized(self, cur: duckdb.DuckDBPyConnection, name: str, version: ViewVersion) -> str | None:
+    def _materialized(
+        self, cur: duckdb.DuckDBPyConnection, name: str, version: ViewVersion, timeout: float | None
+    ) -> str | None:
         pin = self.pin
         if not self.materialize or pin.valid_at is not None or pin.since is not None:
             return None
@@ -246,7 +250,7 @@ class Plan:
             return source
         if not incremental:
             return None
-        delta = Database(self.ledger, Pin(basis=pin.basis, since=m)).sql(version.sql, timeout=None)
+        delta = Database(self.ledger, Pin(basis=pin.basis, since=m)).sql(version.sql, timeout=timeout)
         cur.register(f"_mv_delta_{name}", delta)
         return f"{source} UNION ALL BY NAME SELECT * FROM _mv_delta_{name}"
 

@@ -167,6 +167,28 @@ def test_a_second_writer_gets_one_line_naming_the_pid(tmp_path: Path) -> None:
     assert w.final_tx == 13
 
 
+def test_a_second_writer_in_the_same_process_is_refused_and_touches_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    with Ledger.open(root) as lg:
+        for i in range(3):
+            lg.append([{"kind": "event", "action": "set", "data": {"id": "a", "n": i}}])
+        lg.seal()
+        tmp = root / "segments" / ".tmp-in-flight"  # as a seal under way would have it
+        tmp.mkdir()
+        with pytest.raises(LedgerLocked) as caught:
+            Ledger.open(root)
+        assert f"this process ({os.getpid()})" in str(caught.value) and "\n" not in str(caught.value)
+        assert tmp.is_dir()  # the refused open cleaned up nothing
+        tmp.rmdir()
+        # A snapshot in the writer's own process: the sealed segments, and a note saying so.
+        with Ledger.open(root, read_only=True) as snap:
+            assert snap.complete is False and str(os.getpid()) in (snap.note or "")
+            assert snap.entity("a") == {"n": 2}
+        assert lg.append([{"kind": "event", "action": "set", "data": {"id": "a", "n": 9}}]).tx == 4
+    with Ledger.open(root) as again:  # closing released it
+        assert again.entity("a") == {"n": 9} and again.head.tx == 4
+
+
 def test_without_a_writer_the_snapshot_is_complete_and_releases_the_lock(tmp_path: Path) -> None:
     root = tmp_path / "data"
     with writer(root, "exit") as w:

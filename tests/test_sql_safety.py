@@ -42,6 +42,33 @@ def test_no_file_access_beyond_the_ledger(lg: Ledger, query: str) -> None:
         lg.sql(query)
 
 
+@pytest.mark.parametrize("query", [
+    "SELECT count(*) FROM tail_records", "SELECT * FROM main.offsets", "SELECT * FROM ledger_meta",
+    "SELECT l.tx FROM log l JOIN record_ids r ON l.id = r.id", "SELECT * FROM segments",
+    "SELECT (SELECT count(*) FROM tail_index) FROM log", "SUMMARIZE tail_records",
+    "EXPLAIN ANALYZE SELECT * FROM offsets",
+    # A CTE of that name covers its own scope only.
+    "SELECT (WITH tail_records AS (SELECT 1) SELECT 1) AS x, * FROM tail_records",
+])
+def test_the_catalogs_own_tables_are_not_readable(lg: Ledger, query: str) -> None:
+    # They hold rows newer than any as-of point, and offsets that are not the reader's business.
+    with pytest.raises(InvalidQuery, match="unknown relation"):
+        lg.as_of(1).sql(query)
+
+
+def test_a_cte_may_take_a_catalog_tables_name(lg: Ledger) -> None:
+    rows = lg.sql("WITH offsets AS (SELECT count(*) AS n FROM log) SELECT n FROM offsets").to_pylist()
+    assert rows == [{"n": 8}]
+
+
+@pytest.mark.parametrize("query", ["DESCRIBE log", "SUMMARIZE entities", "DESCRIBE SELECT tx FROM log"])
+def test_describe_and_summarize_work(lg: Ledger, query: str) -> None:
+    rows = lg.sql(query).to_pylist()
+    assert rows and all("column_name" in r for r in rows)
+    if query.startswith("SUMMARIZE"):
+        assert {r["column_name"]: r["count"] for r in rows}["e"] == 8
+
+
 def test_long_queries_are_interrupted_and_rows_are_capped(lg: Ledger) -> None:
     with pytest.raises(InvalidQuery, match="interrupted"):
         lg.sql("SELECT count(*) FROM range(100000000000) a", timeout=0.3)
