@@ -442,12 +442,8 @@ class Ledger:
 
     def tx_range(self, start: TimePoint | None = None, end: TimePoint | None = None) -> list[Transaction]:
         """Transactions with start <= tx < end (Datomic's tx-range), each with its records."""
-        lo = 0 if start is None else self.resolve(start)
-        hi = self._head.tx + 1 if end is None else self.resolve(end)
-        if isinstance(start, (datetime, str)):
-            lo += 1  # resolve() gives the tx at or before the instant; the range starts after it
-        if isinstance(end, (datetime, str)):
-            hi += 1
+        lo = 0 if start is None else self._first_tx_from(start)
+        hi = self._head.tx + 1 if end is None else self._first_tx_from(end)
         where = f"tx >= {lo} AND tx < {hi}"
         with self.snapshot() as (cur, files):
             txs = cur.execute(
@@ -465,6 +461,12 @@ class Ledger:
                         records=tuple(by_tx.get(t, ())), quarantined=q)
             for t, tt, h, p, m, q in txs
         ]
+
+    def _first_tx_from(self, t: TimePoint) -> int:
+        """The first tx at or after a time point: itself for a tx number; for an instant, the first
+        tx committed at or after it (resolve() gives the last one before it)."""
+        point = check_time_point(t, "time")
+        return point if isinstance(point, int) else self.resolve(point - _US) + 1
 
     def offsets(self, consumer: str) -> dict[tuple[str, int], OffsetMark]:
         """Where `consumer` stands per (topic, partition), as committed with the records."""

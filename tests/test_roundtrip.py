@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import struct
 import uuid
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
@@ -219,3 +219,28 @@ def test_invalid_records_are_refused_by_index_and_field_and_nothing_is_written(t
     refused()
     assert lg.verify().ok
     lg.close()
+
+
+def test_tx_time_strictly_increases_when_the_wall_clock_steps_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ledger.ledger as ledger_module
+
+    wall = [datetime(2030, 1, 1, 12, tzinfo=UTC)]
+
+    class SteppingClock(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> SteppingClock:  # type: ignore[override]
+            return wall[0]  # type: ignore[return-value]
+
+    with Ledger.open(tmp_path / "data") as lg:
+        monkeypatch.setattr(ledger_module, "datetime", SteppingClock)
+        first = lg.append([{"kind": "command", "action": "a", "data": {}}]).tx_time
+        wall[0] -= timedelta(hours=1)  # NTP steps the clock back
+        second = lg.append([{"kind": "command", "action": "b", "data": {}}]).tx_time
+        third = lg.append([{"kind": "command", "action": "c", "data": {}}]).tx_time
+        assert first == datetime(2030, 1, 1, 12, tzinfo=UTC)
+        assert first < second < third and third - first == timedelta(microseconds=2)
+        monkeypatch.undo()
+        assert [t.tx_time for t in lg.tx_range()] == [first, second, third]
+        assert lg.as_of(second).basis_tx == 2  # instants still resolve to one tx each

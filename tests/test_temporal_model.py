@@ -238,6 +238,19 @@ class LedgerMachine(RuleBasedStateMachine):
             assert got == want
             assert t.tx_time == self.model.tx_times[t.tx]
 
+    @precondition(lambda self: self.head > 0)
+    @rule(data=st.data())
+    def check_tx_range_by_instant(self, data: st.DataObject) -> None:
+        """Instants bound the range the same way: tx_time >= start, tx_time < end."""
+        times = sorted(self.model.tx_times.values())
+        one = timedelta(microseconds=1)
+        candidates = [t + d for t in times for d in (-one, timedelta(0), one)]
+        start, end = sorted(data.draw(st.lists(st.sampled_from(candidates), min_size=2, max_size=2)))
+        want = [tx for tx, tt in sorted(self.model.tx_times.items()) if start <= tt < end]
+        assert [t.tx for t in self.lg.tx_range(start, end)] == want
+        assert [t.tx for t in self.lg.tx_range(start.isoformat())] == [
+            tx for tx, tt in sorted(self.model.tx_times.items()) if tt >= start]
+
     @invariant()
     def aggregates_match(self) -> None:
         got = {(r["kind"], r["action"]): r["n"] for r in self.lg.sql(
