@@ -18,7 +18,7 @@ from api.notify import ChildWatcher, Notifier
 from api.registry import SchemaRegistry
 from ledger import Ledger
 from ledger.broker import Broker, create_topics_async
-from ledger.consumer import Consumer
+from ledger.consumer import Consumer, topic_kinds
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +41,10 @@ class Settings:
     group: str = field(default_factory=lambda: _env("LEDGER_KAFKA_GROUP", "ledger"))
     commands_topic: str = field(default_factory=lambda: _env("LEDGER_COMMANDS_TOPIC", "commands"))
     events_topic: str = field(default_factory=lambda: _env("LEDGER_EVENTS_TOPIC", "events"))
+    topics: tuple[str, ...] = field(  # default: the commands and events topics
+        default_factory=lambda: tuple(t.strip() for t in _env("LEDGER_TOPICS", "").split(",") if t.strip())
+    )
+    topic_pattern: str | None = field(default_factory=lambda: os.environ.get("LEDGER_TOPIC_PATTERN") or None)
     schemas_dir: Path | None = field(
         default_factory=lambda: Path(p) if (p := os.environ.get("LEDGER_SCHEMAS_DIR")) else None
     )
@@ -95,7 +99,8 @@ class Services:
         self.children = ChildWatcher(self.ledger)
         self.consumer = Consumer(
             self.ledger, bootstrap=self.bootstrap, group=s.group,
-            topics=(s.commands_topic, s.events_topic), fetch_max_wait_ms=self._fetch_wait(),
+            topics=s.topics or (s.commands_topic, s.events_topic), pattern=s.topic_pattern,
+            kinds=topic_kinds(s.commands_topic, s.events_topic), fetch_max_wait_ms=self._fetch_wait(),
         )
         # Kafka may be down: the API still serves reads, answers 503 to commands and /ready
         # reports it, while these tasks keep trying to connect.

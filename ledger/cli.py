@@ -343,16 +343,33 @@ def add_kafka(parser: argparse.ArgumentParser) -> None:
                         "commands,events)")
     parser.add_argument("--pattern", help="subscribe to topics matching this regex instead "
                         "(env LEDGER_TOPIC_PATTERN)")
+    parser.add_argument("--kinds", metavar="TOPIC=KIND,...",
+                        help="kind of each topic's records, command or event (env LEDGER_KINDS; the "
+                        "commands and events topics are known; others: the envelope's kind, else event)")
 
 
 def kafka_settings(args: argparse.Namespace) -> dict[str, Any]:
-    topics = setting(args.topics, "LEDGER_TOPICS", "commands,events")
+    from ledger.consumer import topic_kinds
+
+    commands = setting(None, "LEDGER_COMMANDS_TOPIC", "commands")
+    events = setting(None, "LEDGER_EVENTS_TOPIC", "events")
+    topics = setting(args.topics, "LEDGER_TOPICS", f"{commands},{events}")
+    wait = setting(None, "LEDGER_FETCH_MAX_WAIT_MS", "")
     return {
         "bootstrap": setting(args.bootstrap, "LEDGER_KAFKA_BOOTSTRAP", ""),
         "group": setting(args.group, "LEDGER_KAFKA_GROUP", "ledger"),
         "topics": tuple(t.strip() for t in topics.split(",") if t.strip()),
         "pattern": setting(args.pattern, "LEDGER_TOPIC_PATTERN", "") or None,
+        "kinds": topic_kinds(commands, events, setting(args.kinds, "LEDGER_KINDS", "")),
+        **({"fetch_max_wait_ms": _int_setting("LEDGER_FETCH_MAX_WAIT_MS", wait)} if wait else {}),
     }
+
+
+def _int_setting(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{name} must be an integer, got {text!r}") from None
 
 
 def open_writer(root: Path, *, standby: bool) -> Ledger:

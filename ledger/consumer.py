@@ -18,6 +18,7 @@ import os
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ledger.consumer")
 ID_NAMESPACE = uuid.UUID("6f1c1f7e-3f4b-4d0e-9a55-1e6c0b8c4a10")
-DEFAULT_KINDS = {"commands": "command", "events": "event"}
 ENVELOPE = {"id", "action", "data", "parent", "timestamp", "user", "system", "kind"}
 # Extra AIOKafkaConsumer settings as a JSON object (e.g. SASL/SSL for a production cluster, or
 # short session timeouts for tests); the settings exactly-once depends on cannot be overridden.
@@ -67,6 +67,23 @@ def kafka_options_from_env() -> dict[str, Any]:
     if not isinstance(options, dict):
         raise LedgerError(f"{KAFKA_OPTIONS_ENV} must be a JSON object of aiokafka consumer settings")
     return options
+
+
+KINDS_ENV = "LEDGER_KINDS"
+
+
+def topic_kinds(commands_topic: str = "commands", events_topic: str = "events",
+                spec: str | None = None) -> dict[str, str]:
+    """Which kind each topic's records are: the commands and events topics, plus `spec`
+    ("topic=kind,...", default $LEDGER_KINDS). Other topics take the envelope's `kind`, else event."""
+    kinds = {commands_topic: "command", events_topic: "event"}
+    text = os.environ.get(KINDS_ENV, "") if spec is None else spec
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        topic, _, kind = item.partition("=")
+        if not topic.strip() or kind.strip() not in ("command", "event"):
+            raise LedgerError(f"{KINDS_ENV}: {item!r} is not topic=command or topic=event")
+        kinds[topic.strip()] = kind.strip()
+    return kinds
 
 
 @dataclass
@@ -234,7 +251,7 @@ class Consumer:
         self.group = group
         self.topics = topics
         self.pattern = pattern
-        self.kinds = DEFAULT_KINDS if kinds is None else kinds
+        self.kinds = topic_kinds() if kinds is None else kinds
         # aiokafka's own name for "records per getmany()" caps the batch (one tx) too.
         self.max_batch = min(max_batch, int(options.get("max_poll_records") or max_batch))
         self.max_value_bytes = max_value_bytes
@@ -253,6 +270,7 @@ class Consumer:
         # fetched before the latest assignment be dropped: its partitions were re-sought, so it
         # comes again (and a stale batch would otherwise look like "offsets went backwards").
         self._lock = asyncio.Lock()
+        self._appender: ThreadPoolExecutor | None = None  # while run() runs
         self._epoch = 0
         self._reread_requested = False  # set by _check_generation for the batch being checked
         # Offsets stored in the ledger but not yet committed to Kafka (advisory, for tools that
@@ -341,6 +359,9 @@ class Consumer:
         self.status.running = True
         stopper = asyncio.ensure_future(stop.wait())
         waiting = FetchWait(kafka, self.fetch_max_wait_ms)
+        # Appends get a thread of their own: queries, view rebuilds and exports in the same process
+        # share asyncio's default pool, and must never keep a batch waiting for a thread.
+        self._appender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-append")
         try:
             while not stop.is_set():
                 done, fetched = await unless_stopped(self._fetch(kafka), stopper)
@@ -364,6 +385,7 @@ class Consumer:
                 await asyncio.gather(self._committing, return_exceptions=True)
             await kafka.stop()
             self._kafka = None
+            self._appender.shutdown(wait=False)  # idle: every append was awaited
 
     def _refresh_lag(self, kafka: AIOKafkaConsumer) -> None:
         """Highwater per partition (from the latest fetch); and a partition whose log ends before
@@ -417,7 +439,9 @@ class Consumer:
             if not work:
                 return
             # Decoding is CPU work: with the append, off the event loop (heartbeats, the API).
-            report, offsets = await asyncio.to_thread(self._append, work)
+            assert self._appender is not None, "run() starts the appender"
+            loop = asyncio.get_running_loop()
+            report, offsets = await loop.run_in_executor(self._appender, self._append, work)
             for (_, topic, partition), mark in offsets.items():
                 self._marks[(topic, partition)] = mark
                 st = self.status.assigned.get(f"{topic}/{partition}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from ledger import Ledger
+from ledger import Ledger, LedgerError
 from ledger.broker import Broker, create_topics_async
 from ledger.consumer import ID_NAMESPACE, Consumer, partition_lag
 
@@ -395,3 +396,47 @@ async def test_partitions_of_one_batch_are_interleaved_by_timestamp(broker: Brok
     rows = ledger.sql("SELECT tx, CAST(data->>'i' AS INTEGER) AS i FROM log ORDER BY tx, seq").to_pylist()
     assert len({r["tx"] for r in rows}) == 1  # one fetch, one batch
     assert [r["i"] for r in rows] == list(range(30))
+
+
+def test_topic_kinds_follow_the_configured_topic_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ledger.cli import build_parser, kafka_settings
+    from ledger.consumer import topic_kinds
+
+    monkeypatch.delenv("LEDGER_KINDS", raising=False)
+    assert topic_kinds("orders-commands", "orders-events") == {
+        "orders-commands": "command", "orders-events": "event"}
+    assert topic_kinds(spec="audit=command, payments=event")["audit"] == "command"
+    with pytest.raises(LedgerError, match="LEDGER_KINDS: 'audit=commands'"):
+        topic_kinds(spec="audit=commands")
+    # `ledger consume` takes the names (and the fetch wait) from the same settings as `ledger serve`.
+    monkeypatch.setenv("LEDGER_COMMANDS_TOPIC", "orders-commands")
+    monkeypatch.setenv("LEDGER_EVENTS_TOPIC", "orders-events")
+    monkeypatch.setenv("LEDGER_KINDS", "payments=event")
+    monkeypatch.setenv("LEDGER_FETCH_MAX_WAIT_MS", "20")
+    got = kafka_settings(build_parser().parse_args(["consume"]))
+    assert got["topics"] == ("orders-commands", "orders-events") and got["fetch_max_wait_ms"] == 20
+    assert got["kinds"] == {"orders-commands": "command", "orders-events": "event", "payments": "event"}
+
+
+async def test_ingestion_goes_on_while_every_default_pool_thread_is_busy(
+    broker: Broker, ledger: Ledger
+) -> None:
+    """Queries, rebuilds and exports run on asyncio's default pool; appends have their own thread."""
+    topic = "busy-pool"
+    await create_topics_async(broker.bootstrap, {topic: 1})
+    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="busy", topics=(topic,),
+                        kafka_options=FAST)
+    loop = asyncio.get_running_loop()
+    async with running(consumer):
+        # Occupy every thread of the default pool (as long queries would) until released.
+        gate = threading.Event()
+        blockers = [asyncio.to_thread(gate.wait) for _ in range(64)]
+        busy = asyncio.gather(*blockers)
+        loop.call_later(60, gate.set)  # never leave threads behind, whatever happens
+        try:
+            await produce(broker.bootstrap, topic, [env(data={"n": i}) for i in range(20)])
+            await eventually(lambda: consumer.status.records == 20, 30, "20 records while the pool is busy")
+        finally:
+            gate.set()
+            await busy
+    assert count(ledger) == 20
