@@ -39,14 +39,18 @@ async def record_stream(
                 yield {}  # keep-alive
 
 
-def _start(last_event_id: str | None, after_tx: str | None, kind: str | None) -> tuple[int, int]:
+def _start(
+    services: Services, last_event_id: str | None, after_tx: str | None, kind: str | None
+) -> tuple[int, int]:
+    """Where a stream starts: after the client's last event, else after `after_tx` (0: the whole
+    log), else with the records that arrive from now on."""
     if kind not in (None, "command", "event"):
         raise bad_request("kind must be 'command' or 'event'", field="kind")
     if last_event_id:
         return parse_position(last_event_id, "Last-Event-ID")
     if after_tx:
         return parse_position(after_tx, "after_tx")
-    return (0, -1)
+    return parse_position(str(services.notifier.tx), "after_tx")
 
 
 @get("/updates", tags=["updates"])
@@ -55,7 +59,7 @@ async def sse_updates(
     action: list[str] | None = None, after_tx: str | None = None,
 ) -> ServerSentEvent:
     """Server-Sent Events: one `record` event per record, id `TX.SEQ`; resume with Last-Event-ID."""
-    after = _start(request.headers.get("last-event-id"), after_tx, kind)
+    after = _start(services, request.headers.get("last-event-id"), after_tx, kind)
 
     async def messages() -> AsyncIterator[ServerSentEventMessage]:
         async for item in record_stream(services, after, kind, action):
@@ -75,7 +79,7 @@ async def ws_updates(
     action: list[str] | None = None, after_tx: str | None = None,
 ) -> None:
     """The same stream over a WebSocket: JSON text frames; resume with ?after_tx=TX.SEQ."""
-    after = _start(None, after_tx, kind)
+    after = _start(services, None, after_tx, kind)
     await socket.accept()
     try:
         async for item in record_stream(services, after, kind, action):

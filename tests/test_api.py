@@ -272,6 +272,9 @@ def test_sse_and_websocket_deliver_every_record_once_in_order_across_reconnects(
             post_command(server, {"action": "stream-test", "data": {"i": i}})
         part3 = [json.loads(ws.recv(timeout=10)) for _ in range(3)]
     assert [r["data"]["i"] for r in part1 + part2 + part3] == list(range(33))
+    with ws_connect(ws_url) as ws:  # no position: the records from now on
+        post_command(server, {"action": "stream-test", "data": {"i": 33}})
+        assert json.loads(ws.recv(timeout=10))["data"]["i"] == 33
 
 
 def test_temporal_reads_over_http(server: Server) -> None:
