@@ -50,7 +50,8 @@ def _ledger_error(request: Request[Any, Any, Any], exc: LedgerError) -> Response
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    converted = exc if isinstance(exc, ProblemDetailsException) else from_http_exception(exc)
+    converted = exc if isinstance(exc, ProblemDetailsException) else from_http_exception(
+        exc, max_body_bytes=request.app.state["services"].settings.max_body_bytes)
     return converted.to_response(request)
 
 
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         state=State({"services": services}),
         lifespan=[lifespan],
-        plugins=[ProblemDetailsPlugin(ProblemDetailsConfig(enable_for_all_http_exceptions=True))],
+        plugins=[ProblemDetailsPlugin(ProblemDetailsConfig())],  # Litestar's own errors: _http_error
         exception_handlers={
             LedgerError: _ledger_error, HTTPException: _http_error, Exception: _unexpected,
         },

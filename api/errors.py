@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar.exceptions import HTTPException
+from litestar.exceptions import ClientException, HTTPException
 from litestar.plugins.problem_details import ProblemDetailsException
 
 from ledger.errors import (
@@ -59,12 +59,29 @@ def from_ledger_error(exc: LedgerError) -> ProblemDetailsException:
     return problem(500, "Ledger error", str(exc), kind="ledger-error")
 
 
-def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
+def from_http_exception(exc: HTTPException, *, max_body_bytes: int | None = None) -> ProblemDetailsException:
+    """Litestar's own errors (validation, undecodable bodies, size, routing) in the same shape as
+    ours: the field at fault as `field`, every violation under `errors`."""
     kind = {400: "bad-request", 404: "not-found", 405: "method-not-allowed",
             413: "body-too-large", 503: "unavailable"}.get(exc.status_code, "http-error")
-    extra = exc.extra if isinstance(exc.extra, dict) else ({"errors": exc.extra} if exc.extra else {})
+    detail, extra = exc.detail, {}
+    violations = exc.extra if isinstance(exc.extra, list) else []
+    if violations and all(isinstance(v, dict) for v in violations):
+        # A body parameter is named `data` in the handler; the client sent it as the body.
+        keys = ["body" if v.get("key") == "data" and str(v.get("source")) == "body" else v.get("key")
+                for v in violations]
+        detail = "; ".join(f"{k}: {v.get('message')}" if k else str(v.get("message"))
+                           for k, v in zip(keys, violations, strict=True))
+        extra = {"errors": violations, **({"field": keys[0]} if keys[0] else {})}
+    elif isinstance(exc.extra, dict):
+        extra = exc.extra
+    elif exc.status_code == 400 and type(exc) is ClientException:  # the body did not decode
+        detail, extra = f"body is not valid JSON: {exc.detail}", {"field": "body"}
+        kind = "malformed-json"
+    elif exc.status_code == 413 and max_body_bytes is not None:
+        detail = f"request body is larger than the {max_body_bytes:,}-byte limit"
     return ProblemDetailsException(
-        status_code=exc.status_code, title=_TITLES.get(exc.status_code, "Error"), detail=exc.detail,
+        status_code=exc.status_code, title=_TITLES.get(exc.status_code, "Error"), detail=detail,
         type_=PROBLEM_BASE + kind, headers=exc.headers, extra=extra or None,
     )
 

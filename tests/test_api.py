@@ -179,7 +179,15 @@ def test_schema_violations_are_422_with_json_pointers(server: Server) -> None:
 
 
 def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
-    assert_problem(post_command(server, b"x" * (1 << 20 + 1)), 413)
+    assert "1,048,576-byte limit" in assert_problem(post_command(server, b"x" * (1 << 20 + 1)), 413)["detail"]
+    # Errors Litestar raises itself (body decoding, parameter validation) name the field too.
+    for path in ("/query", "/views/v", "/schemas/a"):
+        method = "POST" if path == "/query" else "PUT"
+        resp = httpx.request(method, server.url + path, content=b'{"sql": ')
+        body = assert_problem(resp, 400)
+        assert body["field"] == "body" and "not valid JSON" in body["detail"], path
+    bad_limit = assert_problem(httpx.get(server.url + "/events", params={"limit": "many"}), 400)
+    assert bad_limit["field"] == "limit" and bad_limit["errors"][0]["key"] == "limit"
     assert_problem(httpx.get(server.url + "/commands/0190a5a0-0000-7000-8000-000000000001"), 404)
     assert_problem(httpx.get(server.url + "/events/nope"), 404)
     assert_problem(httpx.get(server.url + "/no-such-route"), 404)
