@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from aiokafka import AIOKafkaProducer
 
 from api.notify import ChildWatcher, Notifier
@@ -118,6 +119,41 @@ class Services:
                 await processor.run(stop, seed=seed)
 
             self._tasks.append(asyncio.create_task(self._keep_running(run_bank), name="bank"))
+            if self.broker is not None or s.embedded_broker:
+                self._tasks.append(asyncio.create_task(self._resend_pending(processor), name="resend"))
+
+    async def _resend_pending(self, processor: Any) -> None:
+        """Commands the ledger holds but the bank never answered were on the in-memory broker that
+        stopped with the last run: send them again, once the bank is ready. Same ids: the ledger
+        keeps one copy, and the bank's event ids derive from the command id."""
+        await processor.ready.wait()
+        pending = await asyncio.to_thread(self._pending_commands, processor.actions)
+        while self.producer is None and not self._stop.is_set():
+            await asyncio.sleep(0.1)
+        for command in pending:
+            if self.producer is None or self._stop.is_set():
+                return
+            key = self.schemas.entity_key(command["action"], command["data"]) or command["id"]
+            await self.producer.send_and_wait(
+                self.settings.commands_topic, msgspec.json.encode(command), key=key.encode())
+        if pending:
+            log.info("sent %d commands the bank had not answered to %s again", len(pending),
+                     self.settings.commands_topic)
+
+    def _pending_commands(self, actions: frozenset[str]) -> list[dict[str, Any]]:
+        rows = self.ledger.sql(
+            "SELECT id, action, data, valid_time, headers FROM commands c "
+            "WHERE ($any OR list_contains($actions, action)) "
+            "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.parent = c.id) ORDER BY tx, seq",
+            params={"actions": sorted(actions), "any": "*" in actions}, timeout=None,
+        ).to_pylist()
+        out = []
+        for r in rows:
+            headers = dict(json.loads(r["headers"] or "[]"))
+            out.append({"id": r["id"], "action": r["action"], "data": json.loads(r["data"]),
+                        "timestamp": r["valid_time"].isoformat(),
+                        **{k: headers[k] for k in ("user", "system") if k in headers}})
+        return out
 
     def _ledger_events(self) -> list[Any]:
         from ledger.processor import Event

@@ -220,6 +220,11 @@ class Processor(Generic[S]):
         self._done: set[str] = set()  # commands that already have events from this processor
 
     # ------------------------------------------------------------------------------ registration
+    @property
+    def actions(self) -> frozenset[str]:
+        """The command actions this processor handles ("*": any)."""
+        return frozenset(self._handlers)
+
     def handler(self, action: str) -> Callable[[Handler[S]], Handler[S]]:
         """Register ``fn(command, state) -> list[Event]`` (sync or async) for ``action``; ``"*"``
         catches actions with no handler of their own (by default those are ignored).  Handlers

@@ -140,3 +140,27 @@ def _restart_mid_load(srv: Server) -> None:
     assert not missing, f"accepted commands missing from the ledger (by send order): {sorted(missing)}"
     assert httpx.post(srv.url + "/query", json={"sql": "SELECT 1"}).status_code == 200
     srv.stop()
+
+
+def test_commands_the_bank_never_answered_are_answered_after_a_restart(tmp_path: Path) -> None:
+    """The bundled broker keeps its topics in memory: a command accepted (so in the ledger) but not yet
+    handled when the service stopped is gone from Kafka. The next start sends it again."""
+    from ledger import Ledger
+
+    data = tmp_path / "data"
+    with Ledger.open(data) as lg:  # as if accepted and ingested just before a stop
+        rep = lg.append([{"kind": "command", "action": "open-account",
+                          "data": {"account": "acct-late", "owner": "lee"}, "headers": {"user": "ann"}}])
+    command_id = rep.ids[0]
+    srv = Server(data, "--demo").start()
+    try:
+        url = srv.url + f"/commands/{command_id}"
+        wait_for(lambda: httpx.get(url).json()["status"] == "done", timeout=60)
+        got = httpx.get(url).json()
+        assert len(got["children"]) == 1
+        assert httpx.get(srv.url + "/entities/acct-late").json()["state"] == {"balance": 0, "owner": "lee"}
+        ids = httpx.post(srv.url + "/query", json={
+            "sql": "SELECT id FROM commands WHERE id = $id", "params": {"id": command_id}}).json()["rows"]
+        assert ids == [[command_id]]  # sent again, stored once
+    finally:
+        srv.stop()
