@@ -65,33 +65,12 @@ class CommandController(Controller):
             **{k: env[k] for k in ("user", "system") if env.get(k) is not None},
         }
         key = services.schemas.entity_key(env["action"], env["data"]) or command["id"]
-        producer = services.producer
-        if producer is None:
-            raise unavailable(f"Kafka at {services.bootstrap} is not reachable; nothing was written, "
-                              "retry later")
         waiter = services.children.register(command["id"]) if sync else None
-        try:
-            async with asyncio.timeout(services.settings.produce_timeout):
-                meta = await producer.send_and_wait(
-                    services.settings.commands_topic, msgspec.json.encode(command), key=key.encode()
-                )
-        except (KafkaError, TimeoutError) as e:
-            services.children.forget(command["id"])
-            raise unavailable(f"Kafka did not accept the command ({type(e).__name__}: {e}); "
-                              "nothing was written, retry later") from e
-        services.produced(meta.topic, meta.partition, meta.offset)
-        body = {**command, "topic": meta.topic, "partition": meta.partition, "offset": meta.offset,
-                "status": "accepted"}
-        location = {"Location": f"/commands/{command['id']}"}
-        if waiter is None:
-            return Response(body, status_code=202, headers=location)
-        try:
-            kids = await asyncio.wait_for(waiter, timeout)
-        except TimeoutError:
-            return Response({**body, "status": "pending"}, status_code=202, headers=location)
-        finally:  # answered, timed out, or the client went away: no waiter outlives its request
-            services.children.forget(command["id"])
-        return Response({**body, "status": "done", "children": kids}, status_code=201, headers=location)
+        try:  # answered, timed out, failed, or the client went away: no waiter outlives its request
+            return await _produce_and_wait(services, command, key, waiter, timeout)
+        finally:
+            if waiter is not None:
+                services.children.forget(command["id"])
 
     @get("/")
     async def list_commands(
@@ -109,6 +88,35 @@ class CommandController(Controller):
             raise not_found(f"command {command_id}")
         kids = await asyncio.to_thread(children, services.ledger, command_id)
         return {**rec, "children": kids, "status": "done" if kids else "pending"}
+
+
+async def _produce_and_wait(
+    services: Services, command: dict[str, Any], key: str, waiter: asyncio.Future[Any] | None,
+    timeout: float,
+) -> Response[dict[str, Any]]:
+    producer = services.producer
+    if producer is None:
+        raise unavailable(f"Kafka at {services.bootstrap} is not reachable; nothing was written, "
+                          "retry later")
+    try:
+        async with asyncio.timeout(services.settings.produce_timeout):
+            meta = await producer.send_and_wait(
+                services.settings.commands_topic, msgspec.json.encode(command), key=key.encode()
+            )
+    except (KafkaError, TimeoutError) as e:
+        raise unavailable(f"Kafka did not accept the command ({type(e).__name__}: {e}); "
+                          "nothing was written, retry later") from e
+    services.produced(meta.topic, meta.partition, meta.offset)
+    body = {**command, "topic": meta.topic, "partition": meta.partition, "offset": meta.offset,
+            "status": "accepted"}
+    location = {"Location": f"/commands/{command['id']}"}
+    if waiter is None:
+        return Response(body, status_code=202, headers=location)
+    try:
+        kids = await asyncio.wait_for(waiter, timeout)
+    except TimeoutError:
+        return Response({**body, "status": "pending"}, status_code=202, headers=location)
+    return Response({**body, "status": "done", "children": kids}, status_code=201, headers=location)
 
 
 async def _page(

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import threading
+import time
 import weakref
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DB_FILE = "ledger.duckdb"
 DEFAULT_SEAL_EVERY = 250_000
+# How long a writer's open waits for the file lock: a read-only snapshot holds it while it copies
+# the tail (briefly), a writer for good.
+LOCK_WAIT_S = 2.0
 # Column types as Arrow types. Timestamps travel as epoch microseconds (ints), which Arrow turns
 # into timestamps without a per-value conversion; UUIDs as text (DuckDB casts on insert).
 _ARROW = {
@@ -205,15 +209,21 @@ class Ledger:
     def _open_writer(
         cls, root: Path, seal_every: int, entity_path: str | None, deletion: str | None
     ) -> Ledger:
-        try:
-            con = duckdb.connect(str(root / DB_FILE))
-        except duckdb.IOException as e:
-            if "lock" not in str(e).lower():
-                raise CorruptLedger(f"cannot open {root / DB_FILE}: {e}") from e
-            raise LedgerLocked(
-                f"ledger {root} is being written by process {_lock_holder(e)}; open it with "
-                "read_only=True for a snapshot, or query it through that process's HTTP API"
-            ) from e
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                con = duckdb.connect(str(root / DB_FILE))
+                break
+            except duckdb.IOException as e:
+                if "lock" not in str(e).lower():
+                    raise CorruptLedger(f"cannot open {root / DB_FILE}: {e}") from e
+                if time.monotonic() < deadline:  # maybe a snapshot copying the tail: brief
+                    time.sleep(0.05)
+                    continue
+                raise LedgerLocked(
+                    f"ledger {root} is being written by process {_lock_holder(e)}; open it with "
+                    "read_only=True for a snapshot, or query it through that process's HTTP API"
+                ) from e
         try:
             con.execute("SET TimeZone = 'UTC'")
             con.execute("SET parquet_metadata_cache = true")  # segments never change once written

@@ -234,3 +234,24 @@ def test_cli_against_a_ledger_being_written(tmp_path: Path) -> None:
                 assert row["n"] == 2 * row["t"]  # whole transactions only
             if args[0] == "info":
                 assert json.loads(r.stdout)["complete"] is False
+
+
+def test_a_writer_waits_out_a_snapshot_that_holds_the_file_for_a_moment(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    with Ledger.open(root) as lg:
+        lg.append([{"kind": "event", "action": "set", "data": {"id": "a", "n": 1}}])
+    # Another process reads the file as a snapshot does (attached read-only), for 0.6 s.
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time, duckdb
+        con = duckdb.connect()
+        con.execute("ATTACH '{root / 'ledger.duckdb'}' AS src (READ_ONLY)")
+        print("attached", flush=True)
+        time.sleep(0.6)
+        con.execute("DETACH src")
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "attached"
+        with Ledger.open(root) as lg:  # not LedgerLocked naming the reader as a writer
+            assert lg.entity("a") == {"n": 1}
+    finally:
+        holder.communicate(timeout=30)
