@@ -196,6 +196,10 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
     assert_problem(post_command(server, {"action": "x", "data": {}}, timeout=-1), 400, field="timeout")
     q = httpx.post(server.url + "/query", json={"sql": "DELETE FROM log"})
     assert "SELECT" in assert_problem(q, 400)["detail"]
+    for sql in ("SELECT * FROM read_csv('/etc/passwd')", "COPY (SELECT 1) TO '/tmp/x.csv'",
+                "ATTACH '/tmp/o.duckdb' AS o", "INSTALL httpfs", "LOAD httpfs", "SET threads = 1",
+                "PRAGMA database_list", "SELECT * FROM tail_records", "SELECT 1; SELECT 2"):
+        assert_problem(httpx.post(server.url + "/query", json={"sql": sql}), 400)
     q = httpx.post(server.url + "/query", json={"sql": "SELECT * FROM read_text('/etc/hostname')"})
     assert "disabled" in assert_problem(q, 400)["detail"]
     assert_problem(httpx.post(server.url + "/query", json={"sql": "SELECT nonsense("}), 400)

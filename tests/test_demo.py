@@ -3,6 +3,7 @@ concurrency, and a restart mid-load that loses and duplicates nothing."""
 
 from __future__ import annotations
 
+import io
 import random
 import threading
 import time
@@ -11,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from tests.test_api import Server, wait_for, wait_for_or_none
+from tests.test_api import Server, read_sse, wait_for, wait_for_or_none
 
 ACCOUNTS = [f"acct-{i}" for i in range(10)]
 START = 1_000_000  # large enough that no transfer below is rejected: balances are order-free
@@ -89,6 +92,57 @@ def test_sync_transfers_from_concurrent_clients(bank: Server) -> None:
         "params": {"a": acct}, "as_of": got["as_of_tx"]}).json()["rows"][0][0]
     assert got["attribute_tx"]["balance"] == last
     assert set(got["attribute_tx"]) == set(got["state"])
+
+
+def test_temporal_reads_over_http_on_the_bank_ledger(bank: Server) -> None:
+    """Entities as of / valid at, history, events and their parents, /query in every format and with
+    FOR SYSTEM_TIME, and /updates filtered by kind, on a ledger the bank built through Kafka."""
+    acct = "acct-audit"
+    with httpx.Client(base_url=bank.url, timeout=30) as client:
+        before_tx = client.get("/ready").json()["tx"]
+        answers = [sync(client, "open-account", {"account": acct, "owner": "ann"}),
+                   sync(client, "deposit", {"account": acct, "amount": 100}),
+                   sync(client, "deposit", {"account": acct, "amount": 50})]
+        assert [a.status_code for a in answers] == [201, 201, 201]
+        events = [client.get(f"/events/{a.json()['children'][0]}").json() for a in answers]
+        assert [e["parent"] for e in events] == [a.json()["id"] for a in answers]
+        assert [e["action"] for e in events] == ["account-opened", "money-deposited", "money-deposited"]
+        opened, first, _ = events
+        wait_for(lambda: client.get(f"/entities/{acct}").json().get("state", {}).get("balance") == 150, 30)
+
+        def balance(**params: Any) -> int:
+            return int(client.get(f"/entities/{acct}", params=params).json()["state"]["balance"])
+
+        assert balance(as_of=first["tx"]) == 100
+        assert balance(as_of=first["tx_time"]) == 100  # an instant resolves to the tx at or before it
+        assert balance(valid_at=opened["timestamp"]) == 0
+        assert client.get(f"/entities/{acct}", params={"as_of": opened["tx"] - 1}).status_code == 404
+        history = client.get(f"/entities/{acct}/history").json()["datoms"]
+        assert [d["v"] for d in history if d["a"] == "balance"] == [0, 100, 150]
+        assert {d["record_id"] for d in history} == {e["id"] for e in events}
+        since = client.get(f"/entities/{acct}/history", params={"since": first["tx"]}).json()["datoms"]
+        assert [d["v"] for d in since if d["a"] == "balance"] == [150]
+        listed = client.get("/events", params={"action": "money-deposited", "since": before_tx,
+                                                "limit": 1000}).json()["items"]
+        assert [e["id"] for e in events[1:]] == [e["id"] for e in listed if e["data"]["id"] == acct]
+
+        sql = "SELECT e, CAST(state->>'balance' AS BIGINT) AS balance FROM entities WHERE e = $a"
+        body = {"sql": sql, "params": {"a": acct}}
+        arrow = client.post("/query", json=body, headers={"accept": "application/vnd.apache.arrow.stream"})
+        assert pa.ipc.open_stream(arrow.content).read_all().to_pylist() == [{"e": acct, "balance": 150}]
+        parquet = client.post("/query", json=body, headers={"accept": "application/vnd.apache.parquet"})
+        assert pq.read_table(io.BytesIO(parquet.content)).to_pylist() == [{"e": acct, "balance": 150}]
+        valid = client.post("/query", json={**body, "valid_at": opened["timestamp"]}).json()
+        assert valid["rows"] == [[acct, 0]]
+        both = client.post("/query", json={"params": {"a": acct}, "sql":
+            f"SELECT CAST(past.state->>'balance' AS BIGINT) AS past, CAST(cur.state->>'balance' AS BIGINT) "
+            f"AS cur FROM entities FOR SYSTEM_TIME AS OF {first['tx']} AS past "
+            "JOIN entities AS cur ON past.e = cur.e WHERE cur.e = $a"}).json()
+        assert both.get("rows") == [[100, 150]], both
+
+    records = read_sse(bank.url + f"/updates?kind=event&after_tx={before_tx}", {}, 3)
+    assert [r["id"] for r in records if r["data"].get("id") == acct][:3] == [e["id"] for e in events]
+    assert {r["kind"] for r in records} == {"event"}
 
 
 def test_restart_mid_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
