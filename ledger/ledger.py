@@ -3,8 +3,10 @@ out immutable Database values for reads."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import operator
 import os
 import re
 import threading
@@ -163,6 +165,7 @@ class Ledger:
             )
         self.rules = Rules(json.loads(meta["entity_path"]), json.loads(meta["deletion"]))
         con.execute(tail_datoms_ddl(self.rules.entity_key))
+        self.damaged: str | None = None  # why the newest tx cannot be read (appends refused)
         self._head = self._read_head()
         # The entity index (ledger.storage.index) is the writer's; snapshots scan the datoms.
         self._index = None if read_only else idx.EntityIndex(root / idx.FILE)
@@ -405,8 +408,16 @@ class Ledger:
                     last = f"read_parquet({quote(files['transactions'][-1])})"
                     row = cur.execute(newest.format(last)).fetchone()
             except duckdb.Error as e:  # a damaged or missing segment file
-                raise CorruptLedger(f"cannot read the transactions of {self.root}: {e}") from e
-        return _EMPTY_HEAD if row is None else Head(row[0], row[1].astimezone(UTC), row[2])
+                error = str(e).strip().splitlines()[0]
+            else:
+                return _EMPTY_HEAD if row is None else Head(row[0], row[1].astimezone(UTC), row[2])
+        # Open anyway, so that verify() can name the damage; an append would break the chain.
+        with self.snapshot() as (cur, _):
+            found = cur.execute("SELECT first_tx, last_tx FROM segments ORDER BY first_tx DESC LIMIT 1")
+            first_tx, last_tx = found.fetchone() or (0, 0)
+        self.damaged = f"the last segment (txs {first_tx}-{last_tx}) cannot be read: {error}"
+        log.error("ledger %s: %s; appends are refused until it is restored", self.root, self.damaged)
+        return Head(last_tx, datetime.max.replace(tzinfo=UTC), "unreadable")
 
     def resolve(self, t: TimePoint) -> int:
         """A time point as a tx number: the latest tx committed at or before an instant."""
@@ -513,6 +524,8 @@ class Ledger:
             raise LedgerError(f"meta must be a JSON object: {e}") from e
         if self.read_only:
             raise ReadOnly("this ledger was opened read-only")
+        if self.damaged is not None:
+            raise CorruptLedger(f"cannot append to {self.root}: {self.damaged} (ledger verify)")
         with self._write_lock:
             if self._closed:
                 raise LedgerError("the ledger is closed")
@@ -787,8 +800,10 @@ class Ledger:
     # ---------------------------------------------------------------------------------- verify
     def verify(self) -> VerifyReport:
         """Recompute every record hash and the tx hash chain from the stored data, segment by
-        segment and then the tail, and name the first transaction that does not match."""
-        check = _ChainCheck()
+        segment and then the tail, and name the first transaction that does not match. The derived
+        data is checked against the records too: the datoms each event yields, and the entity index."""
+        index = self._index.all_rows() if self.indexed and self._index is not None else None
+        check = _ChainCheck(self.rules, index)
         with self.snapshot() as (cur, _):
             segs = cur.execute(
                 "SELECT first_tx, dir, files FROM segments ORDER BY first_tx"
@@ -807,7 +822,8 @@ class Ledger:
                 for relation, digest in json.loads(file_hashes).items():
                     if seg.sha256_file(paths[relation]) != digest:
                         return check.fail(first, f"segment {d}: {relation}.parquet was modified")
-            check.source(cur, {r: f"tail_{r}" for r in RELATIONS})
+            if check.source(cur, {r: f"tail_{r}" for r in RELATIONS}):
+                check.index_leftovers()
         return check.report()
 
     # ------------------------------------------------------------------------------------ info
@@ -848,19 +864,16 @@ def _confine(con: duckdb.DuckDBPyConnection, root: Path) -> None:
     con.execute("SET enable_external_access = false")
 
 
-def _rows_by_tx(cursor: duckdb.DuckDBPyConnection) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
-    """Group an ordered (tx, ...) result into (tx, rows) without loading it all at once."""
-    current: list[tuple[Any, ...]] = []
-    tx = None
-    while batch := cursor.fetchmany(10_000):
-        for row in batch:
-            if row[0] != tx and current:
-                yield tx, current  # type: ignore[misc]
-                current = []
-            tx = row[0]
-            current.append(row)
-    if current:
-        yield tx, current  # type: ignore[misc]
+def _rows_by_tx(
+    rows: duckdb.DuckDBPyConnection | Iterable[tuple[Any, ...]],
+) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
+    """Group (tx, ...) rows in tx order (an executed cursor, read in batches, or any iterable) into
+    (tx, rows) without loading them all at once."""
+    if isinstance(rows, duckdb.DuckDBPyConnection):
+        cursor = rows
+        rows = (row for batch in iter(lambda: cursor.fetchmany(10_000), []) for row in batch)
+    for tx, group in itertools.groupby(rows, key=operator.itemgetter(0)):
+        yield tx, list(group)
 
 
 def _record(row: tuple[Any, ...]) -> Record:
@@ -933,13 +946,88 @@ def _quarantine_rows(items: Sequence[Quarantined], tx: int) -> tuple[dict[str, l
     return rows, hashes
 
 
+def _same(stored: dict[int, tuple[str, str, dict[str, Any]]],
+          derived: dict[int, tuple[str, str, dict[str, Any]]]) -> bool:
+    """The same datoms, values equal as JSON with their types (True is not 1, 1.0 is not 1)."""
+    if stored != derived:
+        return False
+    for seq, (_e, _rid, attrs) in stored.items():
+        other = derived[seq][2]
+        for a, v in attrs.items():
+            w = other[a]
+            if type(v) is not type(w) or (isinstance(v, (dict, list)) and _typed(v) != _typed(w)):
+                return False
+    return True
+
+
+def _typed(v: Any) -> Any:
+    """A value with the types of everything in it, for comparisons where 1 == True won't do."""
+    if isinstance(v, dict):
+        return {k: _typed(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_typed(x) for x in v]
+    return (type(v), v)
+
+
 class _ChainCheck:
     """Walks sources (segments, then the tail) in tx order, carrying the chain across them."""
 
-    def __init__(self) -> None:
+    def __init__(self, rules: Rules, index: Iterable[tuple[Any, ...]] | None) -> None:
         self.prev_tx, self.prev_hash = 0, chain.GENESIS
         self.prev_time: datetime | None = None
         self.bad: tuple[int, str] | None = None
+        self.rules = rules
+        self.held: dict[str, set[str]] = {}  # entity -> attributes it holds (to expand deletions)
+        # The entity index (entity() and history() read it), (tx, [(e, seq, valid_us, tx_us,
+        # record_id, attrs)]) in tx order, compared tx by tx with what the records yield.
+        self.index = None if index is None else _rows_by_tx(index)
+        self.index_next = None if self.index is None else next(self.index, None)
+
+    def _derived(
+        self, tx: int, tx_us: int, rows: list[tuple[Any, ...]], recs: list[Record]
+    ) -> tuple[dict[int, tuple[str, str, dict[str, Any]]], list[tuple[Any, ...]]]:
+        """What a tx's records yield, as the writer derives it (ledger.datoms): per event seq, its
+        entity, record id and {a: v}; and its entity index rows."""
+        rules, key = self.rules, self.rules.entity_key
+        out: dict[int, tuple[str, str, dict[str, Any]]] = {}
+        index: list[tuple[Any, ...]] = []
+        for row, r in zip(rows, recs, strict=True):
+            if r.kind != "event" or (e := rules.entity_of(r.data)) is None:
+                continue
+            held = self.held.setdefault(e, set())
+            if rules.is_deletion(r.action):
+                attrs = dict.fromkeys(sorted(held))
+                text = dumps(attrs)
+            else:
+                attrs, text = r.data, row[6]  # the writer indexes the record's own JSON text
+            found = dict(datoms.attributes(attrs, key))
+            for a, v in found.items():
+                (held.discard if v is None else held.add)(a)
+            index.append((e, r.seq, _micros(r.valid_time), tx_us, r.id, text))
+            if found:  # an event with no attribute has no datoms
+                out[r.seq] = (e, r.id, found)
+        return out, index
+
+    def _check_index(self, tx: int, expected: list[tuple[Any, ...]]) -> bool:
+        if self.index is None:
+            return True
+        stored: list[tuple[Any, ...]] = []
+        if self.index_next is not None and self.index_next[0] == tx:
+            stored = [row[1:] for row in self.index_next[1]]
+            self.index_next = next(self.index, None)
+        elif self.index_next is not None and self.index_next[0] < tx:
+            tx = self.index_next[0]
+        if stored != expected:
+            self.bad = (tx, f"the entity index rows of tx {tx} do not match its records "
+                            "(derived data: delete entity_index.sqlite and reopen to rebuild it)")
+            return False
+        return True
+
+    def index_leftovers(self) -> None:
+        """Index rows of txs the chain does not have (rows committed after the snapshot are fine)."""
+        if self.index_next is not None and self.index_next[0] <= self.prev_tx:
+            tx = self.index_next[0]
+            self.bad = (tx, f"the entity index has rows of tx {tx} that its records do not yield")
 
     def fail(self, tx: int, reason: str) -> VerifyReport:
         self.bad = (tx, reason)
@@ -965,6 +1053,11 @@ class _ChainCheck:
             quarantine.setdefault(tx, []).append(chain.quarantine_hash(
                 reason=reason, value=value, key=key, topic=topic, partition=partition, offset=offset,
             ))
+        # Read before the records' stream starts (one result at a time per cursor, and a second
+        # cursor would not be in this snapshot): a segment's worth at most.
+        stored_datoms = _rows_by_tx(cur.execute(
+            f"SELECT tx, seq, e, a, v, record_id FROM {tables['datoms']} ORDER BY tx, seq, a").fetchall())
+        datoms_next = next(stored_datoms, None)
         records = _rows_by_tx(cur.execute(select("records", "tx, seq")))
         pending = next(records, None)
         for tx, tx_time, prev_h, h, n_rec, n_q, meta in txs:
@@ -985,7 +1078,8 @@ class _ChainCheck:
                 self.bad = (tx, f"expected {n_rec} records, found {len(rows)}")
                 return False
             try:
-                hashes = [_record(row).hash for row in rows]
+                recs = [_record(row) for row in rows]
+                hashes = [r.hash for r in recs]
             except (TypeError, ValueError, AttributeError) as e:  # a damaged file read as other types
                 self.bad = (tx, f"a record of tx {tx} cannot be read: {e}")
                 return False
@@ -1003,8 +1097,20 @@ class _ChainCheck:
             if again != h:
                 self.bad = (tx, "tx hash does not match its contents")
                 return False
+            stored: dict[int, tuple[str, str, dict[str, Any]]] = {}
+            if datoms_next is not None and datoms_next[0] == tx:
+                for _tx, seq, ent, a, v, rid in datoms_next[1]:
+                    stored.setdefault(seq, (ent, str(rid), {}))[2][a] = None if v is None else loads(v)
+                datoms_next = next(stored_datoms, None)
+            derived, index_rows = self._derived(tx, _micros(tx_time), rows, recs)
+            if not _same(stored, derived):
+                self.bad = (tx, f"the datoms of tx {tx} do not match its records")
+                return False
+            if not self._check_index(tx, index_rows):
+                return False
             self.prev_tx, self.prev_hash, self.prev_time = tx, h, tx_time
-        leftover = [t for t in ([pending[0]] if pending else []) + list(quarantine)]
+        leftover = [t for t in ([pending[0]] if pending else []) + list(quarantine)
+                    + ([datoms_next[0]] if datoms_next else [])]
         if leftover:
             self.bad = (min(leftover), f"rows of unknown tx {min(leftover)}")
             return False

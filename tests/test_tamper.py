@@ -3,6 +3,7 @@ a data directory, and verify() must name the first transaction that no longer ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from typing import TYPE_CHECKING
@@ -11,7 +12,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from ledger import Ledger, Quarantined
+from ledger import CorruptLedger, Ledger, Quarantined
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -128,3 +129,49 @@ def test_rewritten_record_is_caught_by_the_tx_chain(copy: Path) -> None:
     ok, checked, bad, reason = verify(copy)
     assert (ok, bad, checked) == (False, target, target - 1), reason
     assert reason == "tx hash does not match its contents"
+
+
+def test_derived_datoms_changed_in_the_tail_names_that_tx(copy: Path) -> None:
+    """`entities` and SQL read the datoms; they must say what the records say."""
+    con = duckdb.connect(str(copy / "ledger.duckdb"))
+    try:
+        changed = con.execute("""UPDATE tail_index SET attrs = '{"id":"acct-1","balance":-1}'
+                                 WHERE tx = 17 AND e = 'acct-1'""").fetchone()
+    finally:
+        con.close()
+    assert changed == (1,)
+    ok, checked, bad, reason = verify(copy)
+    assert (ok, bad, checked) == (False, 17, 16), reason
+    assert reason == "the datoms of tx 17 do not match its records"
+
+
+@pytest.mark.parametrize("tx", [3, 18])  # sealed, and in the tail
+def test_entity_index_changed_names_that_tx(copy: Path, tx: int) -> None:
+    """entity() and history() read the entity index (SQLite): it is checked against the records."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(copy / "entity_index.sqlite")) as con, con:
+        changed = con.execute("UPDATE entity_index SET attrs = ? WHERE tx = ? AND e = 'acct-1'",
+                              ('{"id":"acct-1","balance":-1}', tx)).rowcount
+    assert changed == 1
+    with Ledger.open(copy) as lg:
+        assert lg.entity("acct-1", as_of=tx) == {"balance": -1}  # what a reader would be told
+        r = lg.verify()
+    assert (r.ok, r.first_bad_tx) == (False, tx), r.reason
+    assert r.reason is not None and "entity index" in r.reason
+
+
+def test_deleted_last_segment_with_an_empty_tail_still_opens_and_verify_names_it(
+    pristine: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "sealed"
+    shutil.copytree(pristine, root)
+    with Ledger.open(root) as lg:
+        lg.seal()  # the tail (16-20) becomes the last segment
+    shutil.rmtree(segment_dir(root, 16, HEAD))
+    ok, checked, bad, reason = verify(root)
+    assert (ok, bad, checked) == (False, 16, 15), reason
+    with Ledger.open(root) as lg:
+        assert lg.damaged is not None and "16-20" in lg.damaged
+        with pytest.raises(CorruptLedger, match="cannot append"):
+            lg.append([{"kind": "command", "action": "x", "data": {}}])

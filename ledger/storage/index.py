@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
     from pathlib import Path
 
 FILE = "entity_index.sqlite"
@@ -129,6 +129,17 @@ class EntityIndex:
             "SELECT tx, seq, valid_us, tx_us, record_id, attrs FROM entity_index WHERE e = ? "
             "ORDER BY tx, seq", (e,)
         ).fetchall()
+
+    def all_rows(self) -> Iterator[tuple[Any, ...]]:
+        """Every row as (tx, e, seq, valid_us, tx_us, record_id, attrs), in (tx, seq) order."""
+        con = self._connect()
+        try:
+            cursor = con.execute(
+                "SELECT tx, e, seq, valid_us, tx_us, record_id, attrs FROM entity_index ORDER BY tx, seq")
+            while batch := cursor.fetchmany(10_000):
+                yield from batch
+        finally:
+            con.close()
 
     def close(self) -> None:
         self.abort()
