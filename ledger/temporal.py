@@ -95,9 +95,11 @@ def needed_relations(query: str, suffix: str = "") -> set[str]:
 
 
 _TIME_TRAVEL = re.compile(
+    # String literals, quoted names and comments first, so that they are skipped whole.
+    r"(?P<skip>'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/)|"
     r"\b(?P<rel>[A-Za-z_][A-Za-z0-9_]*)\s+FOR\s+SYSTEM_TIME\s+AS\s+OF\s+"
     r"(?P<point>\d+|TIMESTAMP\s*'[^']*'|'[^']*')(?P<after>\s+(?P<next>[A-Za-z_]+))?",
-    re.IGNORECASE,
+    re.IGNORECASE | re.DOTALL,
 )
 _NOT_ALIASES = {
     "where", "join", "left", "right", "inner", "outer", "full", "cross", "on", "using", "group",
@@ -116,6 +118,8 @@ def rewrite_time_travel(query: str, resolve: Callable[[TimePoint], int]) -> tupl
     txs: set[int] = set()
 
     def replace_clause(m: re.Match[str]) -> str:
+        if m.group("skip") is not None:
+            return m.group("skip")
         point = m.group("point")
         if point.isdigit():
             tx = resolve(int(point))

@@ -364,13 +364,14 @@ def rows(
 
 def changes(
     lg: Ledger, name: str, *, since: TimePoint, until: TimePoint | None = None,
-    definition: str = "as_of",
+    definition: str = "as_of", timeout: float | None = DEFAULT_TIMEOUT,
 ) -> tuple[pa.Table, pa.Table]:
     """(added, removed): rows of the view at `until` not at `since`, and the reverse (as
-    multisets). A view that did not exist at `since` had no rows then."""
-    after = rows(lg, name, as_of=until, definition=definition, timeout=None)
+    multisets). A view that did not exist at `since` had no rows then. Each side runs within
+    `timeout` seconds."""
+    after = rows(lg, name, as_of=until, definition=definition, timeout=timeout)
     try:
-        before = rows(lg, name, as_of=since, definition=definition, timeout=None)
+        before = rows(lg, name, as_of=since, definition=definition, timeout=timeout)
     except UnknownView:
         before = after.slice(0, 0)
     if before.column_names != after.column_names:

@@ -51,3 +51,9 @@ def test_a_database_value_never_sees_past_its_basis(lg: Ledger) -> None:
 def test_a_naive_timestamp_is_refused(lg: Ledger) -> None:
     with pytest.raises(InvalidTime):
         lg.sql("SELECT * FROM log FOR SYSTEM_TIME AS OF TIMESTAMP '2026-01-01 00:00:00'")
+
+
+def test_the_clause_inside_a_string_or_a_comment_is_left_alone(lg: Ledger) -> None:
+    rows = lg.sql("SELECT 'log FOR SYSTEM_TIME AS OF 3' AS s, count(*) AS n "
+                  "FROM log FOR SYSTEM_TIME AS OF 2 -- not log FOR SYSTEM_TIME AS OF 5\n").to_pylist()
+    assert rows == [{"s": "log FOR SYSTEM_TIME AS OF 3", "n": 2}]
