@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 
 from api.notify import ChildWatcher, Notifier
 from api.registry import SchemaRegistry
-from ledger import Ledger
+from ledger import Ledger, views
 from ledger.broker import Broker, create_topics_async
 from ledger.consumer import Consumer, topic_kinds
 
@@ -51,6 +51,9 @@ class Settings:
     )
     strict: bool = field(default_factory=lambda: _env("LEDGER_STRICT", "0").lower() in ("1", "true", "yes"))
     max_body_bytes: int = field(default_factory=lambda: int(_env("LEDGER_MAX_BODY_BYTES", str(1 << 20))))
+    # Materialized views that cannot follow the log incrementally are rebuilt when stale, at most
+    # this often (and at most a tenth of the time); 0 turns that off.
+    view_refresh_s: float = field(default_factory=lambda: float(_env("LEDGER_VIEW_REFRESH_S", "60")))
     produce_timeout: float = 5.0
     # How long a fetch may wait for data. Kafka answers as soon as data arrives, so this mostly
     # bounds idle polling; the bundled broker stalls if a fetch needs longer than this.
@@ -107,6 +110,8 @@ class Services:
         # reports it, while these tasks keep trying to connect.
         self._tasks.append(asyncio.create_task(self._keep_producer(), name="producer"))
         self._tasks.append(asyncio.create_task(self._keep_running(self.consumer.run), name="consumer"))
+        if s.view_refresh_s > 0:
+            self._tasks.append(asyncio.create_task(self._refresh_views(), name="views"))
         if s.demo:
             from examples.bank import build
 
@@ -121,6 +126,21 @@ class Services:
             self._tasks.append(asyncio.create_task(self._keep_running(run_bank), name="bank"))
             if self.broker is not None or s.embedded_broker:
                 self._tasks.append(asyncio.create_task(self._resend_pending(processor), name="resend"))
+
+    async def _refresh_views(self) -> None:
+        interval = self.settings.view_refresh_s
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), min(interval, 5.0))
+            if self._stop.is_set():
+                return
+            try:
+                rebuilt = await asyncio.to_thread(views.refresh_stale, self.ledger, interval)
+            except Exception:  # a view that fails to rebuild says so in its status
+                log.exception("refreshing stale materialized views failed")
+                continue
+            if rebuilt:
+                log.info("rebuilt stale materialized views: %s", ", ".join(rebuilt))
 
     async def _resend_pending(self, processor: Any) -> None:
         """Commands the ledger holds but the bank never answered were on the in-memory broker that

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
@@ -194,6 +195,26 @@ def test_rebuild_writes_parquet_and_status_and_reads_use_it(lg: Ledger) -> None:
     assert lg.sql("SELECT count(*) AS n FROM big").to_pylist() == [{"n": 7}]  # gone: the SQL again
     v.drop_view(lg, "big")
     assert not path.parent.exists()
+
+
+def test_stale_materializations_are_rebuilt_at_most_every_interval(lg: Ledger) -> None:
+    for i in range(4):
+        deposit(lg, f"a{i % 2}", 10)
+    v.define_view(lg, "balances", BALANCES)
+    v.define_view(lg, "recent", "SELECT id FROM events")  # incremental: never stale
+    v.rebuild(lg, "balances")
+    v.rebuild(lg, "recent")
+    assert v.refresh_stale(lg, 0) == []  # nothing behind
+    head = deposit(lg, "a0", 5)
+    assert v.status(lg, "balances")["state"] == "stale"
+    assert v.refresh_stale(lg, 3600) == []  # rebuilt too recently
+    took = float(v.status(lg, "balances")["seconds"])
+    assert v.refresh_stale(lg, 0) == [] or took == 0  # and never more than a tenth of the time
+    time.sleep(10 * took + 0.05)
+    assert v.refresh_stale(lg, 0) == ["balances"]
+    st = v.status(lg, "balances")
+    assert (st["state"], st["tx"]) == ("ready", head)
+    assert sorted_rows(lg.sql("SELECT * FROM balances")) == [("a0", 25), ("a1", 20)]
 
 
 @pytest.mark.parametrize(
