@@ -174,13 +174,13 @@ def test_appends_go_on_while_a_seal_writes_its_segment(tmp_path: Path, monkeypat
         k += 1
     assert first == 1 and lg.head.tx == head + 5
     assert lg.sql(TORN).to_pylist() == []
-    assert lg.sql("SELECT count(*) AS n FROM segments").to_pylist() == [{"n": 0}]
+    assert lg.cursor().execute("SELECT count(*) FROM segments").fetchall() == [(0,)]  # the catalog
     release.set()
     lg.close()  # waits for the seal
     with Ledger.open(tmp_path / "ledger") as again:
-        assert again.sql("SELECT max(last_tx) AS t FROM segments").to_pylist() == [{"t": sealed_through}]
-        tail = again.sql("SELECT min(tx) AS t FROM tail_transactions").to_pylist()
-        assert tail == [{"t": sealed_through + 1}]
+        catalog = again.cursor()
+        assert catalog.execute("SELECT max(last_tx) FROM segments").fetchall() == [(sealed_through,)]
+        assert catalog.execute("SELECT min(tx) FROM tail_transactions").fetchall() == [(sealed_through + 1,)]
         assert again.head.tx == k and again.verify().ok
         assert again.sql(TORN).to_pylist() == []
 
@@ -193,6 +193,6 @@ def test_a_background_seal_keeps_up_with_the_appends(tmp_path: Path) -> None:
             lg.append(batch(rng, k))
         assert lg._sealer is not None
         lg._sealer.join()
-        tail = lg.sql("SELECT count(*) AS n FROM tail_records").to_pylist()[0]["n"]
-        assert tail < 50
+        (tail,) = lg.cursor().execute("SELECT count(*) FROM tail_records").fetchone() or (None,)
+        assert tail is not None and tail < 50
         assert lg.sql(TORN).to_pylist() == [] and lg.verify().ok
