@@ -802,6 +802,8 @@ class Ledger:
         """Recompute every record hash and the tx hash chain from the stored data, segment by
         segment and then the tail, and name the first transaction that does not match. The derived
         data is checked against the records too: the datoms each event yields, and the entity index."""
+        # The index is read before the snapshot: every tx it holds is then in the snapshot too
+        # (txs it does not hold yet, committed concurrently, are not compared).
         index = self._index.all_rows() if self.indexed and self._index is not None else None
         check = _ChainCheck(self.rules, index)
         with self.snapshot() as (cur, _):
@@ -972,7 +974,7 @@ def _typed(v: Any) -> Any:
 class _ChainCheck:
     """Walks sources (segments, then the tail) in tx order, carrying the chain across them."""
 
-    def __init__(self, rules: Rules, index: Iterable[tuple[Any, ...]] | None) -> None:
+    def __init__(self, rules: Rules, index: tuple[int, Iterable[tuple[Any, ...]]] | None) -> None:
         self.prev_tx, self.prev_hash = 0, chain.GENESIS
         self.prev_time: datetime | None = None
         self.bad: tuple[int, str] | None = None
@@ -980,7 +982,8 @@ class _ChainCheck:
         self.held: dict[str, set[str]] = {}  # entity -> attributes it holds (to expand deletions)
         # The entity index (entity() and history() read it), (tx, [(e, seq, valid_us, tx_us,
         # record_id, attrs)]) in tx order, compared tx by tx with what the records yield.
-        self.index = None if index is None else _rows_by_tx(index)
+        self.index_through, rows = (0, None) if index is None else index
+        self.index = None if rows is None else _rows_by_tx(rows)
         self.index_next = None if self.index is None else next(self.index, None)
 
     def _derived(
@@ -1009,7 +1012,7 @@ class _ChainCheck:
         return out, index
 
     def _check_index(self, tx: int, expected: list[tuple[Any, ...]]) -> bool:
-        if self.index is None:
+        if self.index is None or tx > self.index_through:
             return True
         stored: list[tuple[Any, ...]] = []
         if self.index_next is not None and self.index_next[0] == tx:

@@ -130,16 +130,25 @@ class EntityIndex:
             "ORDER BY tx, seq", (e,)
         ).fetchall()
 
-    def all_rows(self) -> Iterator[tuple[Any, ...]]:
-        """Every row as (tx, e, seq, valid_us, tx_us, record_id, attrs), in (tx, seq) order."""
+    def all_rows(self) -> tuple[int, Iterator[tuple[Any, ...]]]:
+        """(through, rows): one consistent read of the index, the last tx it holds completely and
+        its rows up to that tx as (tx, e, seq, valid_us, tx_us, record_id, attrs), in (tx, seq) order."""
         con = self._connect()
-        try:
-            cursor = con.execute(
-                "SELECT tx, e, seq, valid_us, tx_us, record_id, attrs FROM entity_index ORDER BY tx, seq")
-            while batch := cursor.fetchmany(10_000):
-                yield from batch
-        finally:
-            con.close()
+        con.execute("BEGIN")  # both reads in one snapshot (WAL)
+        row = con.execute("SELECT value FROM index_meta WHERE key = 'through_tx'").fetchone()
+        through = int(row[0]) if row else 0
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            try:
+                cursor = con.execute(
+                    "SELECT tx, e, seq, valid_us, tx_us, record_id, attrs FROM entity_index "
+                    "WHERE tx <= ? ORDER BY tx, seq", (through,))
+                while batch := cursor.fetchmany(10_000):
+                    yield from batch
+            finally:
+                con.close()
+
+        return through, rows()
 
     def close(self) -> None:
         self.abort()
