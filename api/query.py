@@ -98,16 +98,20 @@ class QueryController(Controller):
 
     @get("/tx")
     async def tx_range(
-        self, services: Services, since: int = 0, until: int | None = None, limit: int = 100,
+        self, services: Services, since: str | None = None, until: str | None = None, limit: int = 100,
         cursor: int | None = None,
     ) -> dict[str, Any]:
-        """Transactions with since < tx <= until (Datomic's tx-range), oldest first, paged."""
+        """Transactions with since < tx <= until (Datomic's tx-range), oldest first, paged. Each bound
+        is a tx or an instant (an instant stands for the last tx committed at or before it)."""
         if not 1 <= limit <= 1000:
             raise bad_request("limit must be between 1 and 1000", field="limit")
-        start = max(since, cursor or 0) + 1
-        end = start + limit if until is None else min(until + 1, start + limit)
-        txs = await asyncio.to_thread(services.ledger.tx_range, start, end)
-        more = bool(txs) and txs[-1].tx < (services.ledger.head.tx if until is None else until)
+        lg = services.ledger
+        low, high = [None if t is None else await asyncio.to_thread(lg.resolve, t)
+                     for t in (time_param(since, "since"), time_param(until, "until"))]
+        start = max(low or 0, cursor or 0) + 1
+        end = start + limit if high is None else min(high + 1, start + limit)
+        txs = await asyncio.to_thread(lg.tx_range, start, end)
+        more = bool(txs) and txs[-1].tx < (lg.head.tx if high is None else high)
         return {"items": [_tx_json(t) for t in txs], "next_cursor": txs[-1].tx if more else None}
 
     @post("/query", status_code=200)

@@ -122,6 +122,8 @@ def test_temporal_reads_over_http_on_the_bank_ledger(bank: Server) -> None:
         assert {d["record_id"] for d in history} == {e["id"] for e in events}
         since = client.get(f"/entities/{acct}/history", params={"since": first["tx"]}).json()["datoms"]
         assert [d["v"] for d in since if d["a"] == "balance"] == [150]
+        txs = client.get("/tx", params={"since": opened["tx_time"], "until": first["tx_time"]}).json()
+        assert [t["tx"] for t in txs["items"]] == list(range(opened["tx"] + 1, first["tx"] + 1))
         listed = client.get("/events", params={"action": "money-deposited", "since": before_tx,
                                                 "limit": 1000}).json()["items"]
         assert [e["id"] for e in events[1:]] == [e["id"] for e in listed if e["data"]["id"] == acct]
