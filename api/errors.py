@@ -86,5 +86,6 @@ def from_http_exception(exc: HTTPException, *, max_body_bytes: int | None = None
     )
 
 
-_TITLES = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Body too large",
+_TITLES = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 406: "Not acceptable",
+           413: "Body too large",
            500: "Internal server error", 503: "Service unavailable"}

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from litestar import Controller, Request, Response, get, post
 from litestar.params import Body
 
-from api.errors import bad_request, not_found
+from api.errors import bad_request, not_found, problem
 from api.records import record_json, time_param
 from api.services import Services  # Litestar reads handler annotations at runtime
 
@@ -37,18 +37,35 @@ def _plain(value: Any) -> Any:
     return value
 
 
+FORMATS = ("application/json", "text/csv", "application/vnd.apache.arrow.stream",
+           "application/vnd.apache.parquet")
+
+
+def result_format(request: Request[Any, Any, Any]) -> str:
+    """The format a result goes out in, by the request's Accept (JSON when it names none); 406
+    when it accepts none of them."""
+    header = request.headers.get("accept")
+    if not header:
+        return FORMATS[0]
+    best = request.accept.best_match(list(FORMATS))
+    if best is None:
+        raise problem(406, "Not acceptable", f"Accept {header!r} takes none of: {', '.join(FORMATS)}",
+                      kind="not-acceptable")
+    return best
+
+
 def table_response(table: pa.Table, accept: str) -> Response[Any]:
-    """A result in the format the client asked for (JSON by default)."""
-    if "text/csv" in accept:
+    """A result in one of FORMATS (see result_format)."""
+    if accept == "text/csv":
         buf = io.BytesIO()
         pa_csv.write_csv(table, buf)
         return Response(buf.getvalue(), media_type="text/csv")
-    if "application/vnd.apache.arrow.stream" in accept:
+    if accept == "application/vnd.apache.arrow.stream":
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         return Response(sink.getvalue().to_pybytes(), media_type="application/vnd.apache.arrow.stream")
-    if "application/vnd.apache.parquet" in accept:
+    if accept == "application/vnd.apache.parquet":
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         return Response(buf.getvalue(), media_type="application/vnd.apache.parquet")
@@ -119,6 +136,7 @@ class QueryController(Controller):
         self, request: Request[Any, Any, Any], services: Services, data: Any = Body(),  # noqa: B008
     ) -> Response[Any]:
         """Run one read-only SELECT over the ledger's relations, as of a tx or instant."""
+        fmt = result_format(request)
         if not isinstance(data, dict) or not isinstance(data.get("sql"), str):
             raise bad_request("body must be an object with a string 'sql'", field="sql")
         unknown = sorted(set(data) - {"sql", "params", "as_of", "valid_at", "limit"})
@@ -133,7 +151,7 @@ class QueryController(Controller):
             as_of=None if as_of is None else time_param(str(as_of), "as_of"),
             valid_at=data.get("valid_at"), params=data.get("params"), limit=limit,
         )
-        return table_response(table, request.headers.get("accept", ""))
+        return table_response(table, fmt)
 
 
 def _tx_json(t: Any) -> dict[str, Any]:

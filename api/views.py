@@ -11,7 +11,7 @@ from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.params import Body, Parameter
 
 from api.errors import bad_request, not_found
-from api.query import MAX_ROWS, _plain, table_response
+from api.query import MAX_ROWS, _plain, result_format, table_response
 from api.records import time_param
 from api.services import Services  # Litestar reads handler annotations at runtime
 from ledger import views
@@ -89,6 +89,7 @@ class ViewController(Controller):
         valid_at: str | None = None, definition: str = "as_of", limit: int = 10_000,
     ) -> Response[Any]:
         """The view's rows as of a tx or instant (formats by Accept, as for /query)."""
+        fmt = result_format(request)
         if not 1 <= limit <= MAX_ROWS:
             raise bad_request(f"limit must be an integer between 1 and {MAX_ROWS}", field="limit")
         try:
@@ -98,7 +99,7 @@ class ViewController(Controller):
             )
         except UnknownView as e:
             raise not_found(f"view {name!r}" + (f" as of {as_of}" if as_of else "")) from e
-        return table_response(table, request.headers.get("accept", ""))
+        return table_response(table, fmt)
 
     @post("/{name:str}/rebuild", status_code=202)
     async def rebuild(self, services: Services, name: str) -> Response[Any]:

@@ -299,6 +299,11 @@ def test_temporal_reads_over_http(server: Server) -> None:
     csv = httpx.post(server.url + "/query", json={"sql": "SELECT tx FROM transactions ORDER BY tx LIMIT 2"},
                      headers={"accept": "text/csv"})
     assert csv.headers["content-type"].startswith("text/csv") and csv.text.splitlines()[0] == '"tx"'
+    body = {"sql": "SELECT 1 AS one"}
+    weighted = httpx.post(server.url + "/query", json=body,
+                          headers={"accept": "application/vnd.apache.parquet;q=0.5, text/csv"})
+    assert weighted.headers["content-type"].startswith("text/csv")
+    assert_problem(httpx.post(server.url + "/query", json=body, headers={"accept": "image/png"}), 406)
     tx = httpx.get(server.url + "/tx/1").json()
     assert tx["tx"] == 1 and len(tx["hash"]) == 64 and tx["records"]
     page = httpx.get(server.url + "/tx", params={"limit": 2}).json()
