@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from api.notify import ChildWatcher, Notifier
 from api.registry import SchemaRegistry
@@ -154,8 +155,12 @@ class Services:
             if self.producer is None or self._stop.is_set():
                 return
             key = self.schemas.entity_key(command["action"], command["data"]) or command["id"]
-            await self.producer.send_and_wait(
-                self.settings.commands_topic, msgspec.json.encode(command), key=key.encode())
+            try:
+                await self.producer.send_and_wait(
+                    self.settings.commands_topic, msgspec.json.encode(command), key=key.encode())
+            except KafkaError as e:  # the next start tries again: they stay unanswered in the ledger
+                log.warning("could not send unanswered command %s again: %s", command["id"], e)
+                return
         if pending:
             log.info("sent %d commands the bank had not answered to %s again", len(pending),
                      self.settings.commands_topic)
