@@ -111,3 +111,13 @@ def test_entity_lookups_in_sql_agree_however_they_are_spelled(lg: Ledger) -> Non
         assert lg.sql(query, params={"e": e}).to_pylist() == \
             lg.sql(query.replace("e = $e", "e || '' = $e"), params={"e": e}).to_pylist()
     assert lg.sql("SELECT * FROM entities WHERE e = 'e3'").num_rows == 0
+
+
+def test_a_view_as_of_an_earlier_tx_runs_under_the_time_limit_too(lg: Ledger) -> None:
+    from ledger import views
+
+    views.define_view(lg, "slow", "SELECT count(*) AS n FROM range(100000000000) a, log")
+    defined = lg.head.tx
+    lg.append([{"kind": "event", "action": "x", "data": {"id": "e9", "n": 9}}])
+    with pytest.raises(InvalidQuery, match="interrupted"):
+        lg.sql(f"SELECT * FROM slow FOR SYSTEM_TIME AS OF {defined}", timeout=0.3)
