@@ -69,8 +69,12 @@ def table_response(table: pa.Table, accept: str) -> Response[Any]:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         return Response(buf.getvalue(), media_type="application/vnd.apache.parquet")
-    columns = [{"name": f.name, "type": str(f.type)} for f in table.schema]
-    rows = [[_plain(v) for v in row.values()] for row in table.to_pylist()]
+    # JSON columns (data, state, ...) go out as JSON values, not as text holding JSON.
+    is_json = [(f.metadata or {}).get(b"duckdb_type") == b"JSON" for f in table.schema]
+    columns = [{"name": f.name, "type": "json" if j else str(f.type)}
+               for f, j in zip(table.schema, is_json, strict=True)]
+    rows = [[json.loads(v) if j and v is not None else _plain(v)
+             for v, j in zip(row.values(), is_json, strict=True)] for row in table.to_pylist()]
     truncated = (table.schema.metadata or {}).get(b"truncated") == b"true"
     return Response({"columns": columns, "rows": rows, "row_count": len(rows), "truncated": truncated})
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import duckdb
+import pyarrow as pa
 
 from ledger.datoms import attributes
 from ledger.errors import InvalidQuery, InvalidTime
@@ -21,8 +22,6 @@ from ledger.storage.catalog import TAIL_TABLES, columns, datoms_sql, index_rows_
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-
-    import pyarrow as pa
 
     from ledger.ledger import Ledger
 
@@ -283,7 +282,9 @@ class Database:
                     raise
                 if rel is None:
                     raise InvalidQuery("the statement returned no result")
-                return (rel if limit is None else rel.limit(limit + 1)).to_arrow_table()
+                json_columns = {c for c, t in zip(rel.columns, rel.types, strict=True) if str(t) == "JSON"}
+                table = (rel if limit is None else rel.limit(limit + 1)).to_arrow_table()
+                return _mark_json(table, json_columns) if json_columns else table
             finally:
                 if timer is not None:
                     timer.cancel()
@@ -396,6 +397,15 @@ def _tables(tree: object, ctes: frozenset[str]) -> set[str]:
         for value in tree.values():
             found |= _tables(value, ctes)
     return found
+
+
+JSON_TYPE = {b"duckdb_type": b"JSON"}  # field metadata of a JSON column (Arrow has text only)
+
+
+def _mark_json(table: pa.Table, names: set[str]) -> pa.Table:
+    """Say in the schema which text columns hold JSON (DuckDB's Arrow export does not)."""
+    fields = [f.with_metadata(JSON_TYPE) if f.name in names else f for f in table.schema]
+    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
 
 
 def _limited(table: pa.Table, limit: int | None) -> pa.Table:

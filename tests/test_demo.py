@@ -134,6 +134,10 @@ def test_temporal_reads_over_http_on_the_bank_ledger(bank: Server) -> None:
         assert pa.ipc.open_stream(arrow.content).read_all().to_pylist() == [{"e": acct, "balance": 150}]
         parquet = client.post("/query", json=body, headers={"accept": "application/vnd.apache.parquet"})
         assert pq.read_table(io.BytesIO(parquet.content)).to_pylist() == [{"e": acct, "balance": 150}]
+        sql = "SELECT state, data FROM entities, log WHERE e = $a AND log.id = $id"
+        state = client.post("/query", json={"sql": sql, "params": {"a": acct, "id": first["id"]}}).json()
+        assert [c["type"] for c in state["columns"]] == ["json", "json"]  # JSON values, not text
+        assert state["rows"] == [[{"amount": 50, "balance": 150, "owner": "ann"}, first["data"]]]
         valid = client.post("/query", json={**body, "valid_at": opened["timestamp"]}).json()
         assert valid["rows"] == [[acct, 0]]
         both = client.post("/query", json={"params": {"a": acct}, "sql":
