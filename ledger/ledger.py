@@ -971,6 +971,28 @@ def _typed(v: Any) -> Any:
     return (type(v), v)
 
 
+class _TxGroups:
+    """Rows grouped by tx (in tx order), taken one tx at a time as the transactions are walked."""
+
+    def __init__(self, rows: duckdb.DuckDBPyConnection | Iterable[tuple[Any, ...]]) -> None:
+        self._groups = _rows_by_tx(rows)
+        self._head = next(self._groups, None)
+
+    @property
+    def next_tx(self) -> int | None:
+        return None if self._head is None else self._head[0]
+
+    def take(self, tx: int) -> list[tuple[Any, ...]] | None:
+        """The rows of `tx` ([] when it has none); None when rows of an earlier tx come first."""
+        if self._head is None or self._head[0] > tx:
+            return []
+        if self._head[0] < tx:
+            return None
+        rows = self._head[1]
+        self._head = next(self._groups, None)
+        return rows
+
+
 class _ChainCheck:
     """Walks sources (segments, then the tail) in tx order, carrying the chain across them."""
 
@@ -983,8 +1005,7 @@ class _ChainCheck:
         # The entity index (entity() and history() read it), (tx, [(e, seq, valid_us, tx_us,
         # record_id, attrs)]) in tx order, compared tx by tx with what the records yield.
         self.index_through, rows = (0, None) if index is None else index
-        self.index = None if rows is None else _rows_by_tx(rows)
-        self.index_next = None if self.index is None else next(self.index, None)
+        self.index = None if rows is None else _TxGroups(rows)
 
     def _derived(
         self, tx: int, tx_us: int, rows: list[tuple[Any, ...]], recs: list[Record]
@@ -1014,13 +1035,10 @@ class _ChainCheck:
     def _check_index(self, tx: int, expected: list[tuple[Any, ...]]) -> bool:
         if self.index is None or tx > self.index_through:
             return True
-        stored: list[tuple[Any, ...]] = []
-        if self.index_next is not None and self.index_next[0] == tx:
-            stored = [row[1:] for row in self.index_next[1]]
-            self.index_next = next(self.index, None)
-        elif self.index_next is not None and self.index_next[0] < tx:
-            tx = self.index_next[0]
-        if stored != expected:
+        stored = self.index.take(tx)
+        if stored is None:  # rows of an earlier tx that its records did not yield
+            tx = self.index.next_tx or tx
+        if stored is None or [row[1:] for row in stored] != expected:
             self.bad = (tx, f"the entity index rows of tx {tx} do not match its records "
                             "(derived data: delete entity_index.sqlite and reopen to rebuild it)")
             return False
@@ -1028,8 +1046,8 @@ class _ChainCheck:
 
     def index_leftovers(self) -> None:
         """Index rows of txs the chain does not have (rows committed after the snapshot are fine)."""
-        if self.index_next is not None and self.index_next[0] <= self.prev_tx:
-            tx = self.index_next[0]
+        tx = None if self.index is None else self.index.next_tx
+        if tx is not None and tx <= self.prev_tx:
             self.bad = (tx, f"the entity index has rows of tx {tx} that its records do not yield")
 
     def fail(self, tx: int, reason: str) -> VerifyReport:
@@ -1058,11 +1076,9 @@ class _ChainCheck:
             ))
         # Read before the records' stream starts (one result at a time per cursor, and a second
         # cursor would not be in this snapshot): a segment's worth at most.
-        stored_datoms = _rows_by_tx(cur.execute(
+        datoms_by_tx = _TxGroups(cur.execute(
             f"SELECT tx, seq, e, a, v, record_id FROM {tables['datoms']} ORDER BY tx, seq, a").fetchall())
-        datoms_next = next(stored_datoms, None)
-        records = _rows_by_tx(cur.execute(select("records", "tx, seq")))
-        pending = next(records, None)
+        records = _TxGroups(cur.execute(select("records", "tx, seq")))
         for tx, tx_time, prev_h, h, n_rec, n_q, meta in txs:
             if tx != self.prev_tx + 1:
                 self.bad = (self.prev_tx + 1, f"tx {self.prev_tx + 1} is missing")
@@ -1070,12 +1086,9 @@ class _ChainCheck:
             if self.prev_time is not None and tx_time <= self.prev_time:
                 self.bad = (tx, "tx_time does not increase")
                 return False
-            rows: list[tuple[Any, ...]] = []
-            if pending is not None and pending[0] == tx:
-                rows = pending[1]
-                pending = next(records, None)
-            elif pending is not None and pending[0] < tx:
-                self.bad = (pending[0], f"records of unknown tx {pending[0]}")
+            rows = records.take(tx)
+            if rows is None:
+                self.bad = (records.next_tx or tx, f"records of unknown tx {records.next_tx}")
                 return False
             if len(rows) != n_rec:
                 self.bad = (tx, f"expected {n_rec} records, found {len(rows)}")
@@ -1100,11 +1113,13 @@ class _ChainCheck:
             if again != h:
                 self.bad = (tx, "tx hash does not match its contents")
                 return False
+            datom_rows = datoms_by_tx.take(tx)
+            if datom_rows is None:
+                self.bad = (datoms_by_tx.next_tx or tx, f"rows of unknown tx {datoms_by_tx.next_tx}")
+                return False
             stored: dict[int, tuple[str, str, dict[str, Any]]] = {}
-            if datoms_next is not None and datoms_next[0] == tx:
-                for _tx, seq, ent, a, v, rid in datoms_next[1]:
-                    stored.setdefault(seq, (ent, str(rid), {}))[2][a] = None if v is None else loads(v)
-                datoms_next = next(stored_datoms, None)
+            for _tx, seq, ent, a, v, rid in datom_rows:
+                stored.setdefault(seq, (ent, str(rid), {}))[2][a] = None if v is None else loads(v)
             derived, index_rows = self._derived(tx, _micros(tx_time), rows, recs)
             if not _same(stored, derived):
                 self.bad = (tx, f"the datoms of tx {tx} do not match its records")
@@ -1112,8 +1127,7 @@ class _ChainCheck:
             if not self._check_index(tx, index_rows):
                 return False
             self.prev_tx, self.prev_hash, self.prev_time = tx, h, tx_time
-        leftover = [t for t in ([pending[0]] if pending else []) + list(quarantine)
-                    + ([datoms_next[0]] if datoms_next else [])]
+        leftover = [t for t in (records.next_tx, datoms_by_tx.next_tx) if t is not None] + list(quarantine)
         if leftover:
             self.bad = (min(leftover), f"rows of unknown tx {min(leftover)}")
             return False
