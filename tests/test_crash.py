@@ -79,12 +79,17 @@ class Child:
 def run_round(child: Child, how: str, rng: random.Random) -> None:
     """Let the child run until this round's kill moment."""
     if how == "timer":
-        started = None
+        # After a random number of acknowledged txs (0: while it opens the ledger), then a random
+        # moment: counted in txs, not seconds, so a slow machine kills no earlier in the work.
+        acks, started = rng.randrange(25), None
         deadline = time.monotonic() + 30
         while (line := child.next_line(deadline)) is not None:
             if line.startswith("READY"):
                 started = time.monotonic()
-                deadline = started + rng.uniform(0.02, 0.6)
+            elif line.startswith("ACK "):
+                acks -= 1
+            if started is not None and acks <= 0:
+                deadline = min(deadline, time.monotonic() + rng.uniform(0.0, 0.05))
         assert started is not None, "child never became ready"
         return
     deadline = time.monotonic() + 30
