@@ -48,12 +48,13 @@ def record_hash(
 
 
 def quarantine_hash(
-    *, reason: str, value: bytes | None, key: bytes | None, topic: str | None,
-    partition: int | None, offset: int | None,
+    *, reason: str, value: bytes | None, key: bytes | None, headers: Iterable[tuple[str, str]],
+    topic: str | None, partition: int | None, offset: int | None, kafka_us: int | None,
 ) -> str:
     return _h([
         reason, None if value is None else hashlib.sha256(value).hexdigest(),
-        None if key is None else hashlib.sha256(key).hexdigest(), topic, partition, offset,
+        None if key is None else hashlib.sha256(key).hexdigest(), [list(h) for h in headers],
+        topic, partition, offset, kafka_us,
     ])
 
 

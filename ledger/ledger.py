@@ -932,16 +932,17 @@ def _quarantine_rows(items: Sequence[Quarantined], tx: int) -> tuple[dict[str, l
     for seq, q in enumerate(items):
         if not isinstance(q, Quarantined):
             raise LedgerError(f"quarantine item {seq} must be a Quarantined, got {type(q).__name__}")
+        kafka_us = None if q.kafka_timestamp is None else _micros(q.kafka_timestamp)
         h = chain.quarantine_hash(
-            reason=q.reason, value=q.value, key=q.key, topic=q.topic, partition=q.partition,
-            offset=q.offset,
+            reason=q.reason, value=q.value, key=q.key, headers=q.headers, topic=q.topic,
+            partition=q.partition, offset=q.offset, kafka_us=kafka_us,
         )
         hashes.append(h)
         for c, v in (
             ("tx", tx), ("seq", seq), ("reason", q.reason), ("value", q.value), ("key", q.key),
             ("headers", dumps([list(h) for h in q.headers]) if q.headers else None),
             ("kafka_topic", q.topic), ("kafka_partition", q.partition), ("kafka_offset", q.offset),
-            ("kafka_timestamp", None if q.kafka_timestamp is None else _micros(q.kafka_timestamp)),
+            ("kafka_timestamp", kafka_us),
             ("hash", h),
         ):
             rows[c].append(v)
@@ -1070,9 +1071,11 @@ class _ChainCheck:
         txs = cur.execute(select("transactions", "tx")).fetchall()
         quarantine: dict[int, list[str]] = {}
         for q in cur.execute(select("quarantine", "tx, seq")).fetchall():
-            tx, _seq, reason, value, key, _headers, topic, partition, offset, _kts, _h = q
+            tx, _seq, reason, value, key, headers, topic, partition, offset, kts, _h = q
             quarantine.setdefault(tx, []).append(chain.quarantine_hash(
-                reason=reason, value=value, key=key, topic=topic, partition=partition, offset=offset,
+                reason=reason, value=value, key=key, headers=json.loads(headers) if headers else (),
+                topic=topic, partition=partition, offset=offset,
+                kafka_us=None if kts is None else _micros(kts),
             ))
         # Read before the records' stream starts (one result at a time per cursor, and a second
         # cursor would not be in this snapshot): a segment's worth at most.

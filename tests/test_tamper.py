@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import duckdb
@@ -38,7 +39,10 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 *({"kind": "event", "action": "balance-set", "data": {"id": f"acct-{i}", "balance": tx * i}}
                   for i in range(tx % 4 + 1)),
             ]
-            quarantine = [Quarantined(reason="not JSON", value=b"\xff", topic="events", offset=tx)]
+            quarantine = [Quarantined(
+                reason="not JSON", value=b"\xff", key=b"k", topic="events", partition=1, offset=tx,
+                headers=(("trace", str(tx)),), kafka_timestamp=datetime(2024, 3, 1, tzinfo=UTC),
+            )]
             report = lg.append(records, meta={"consumer": "c1", "n": tx},
                                quarantine=quarantine if tx % 6 == 0 else ())
             assert report.tx == tx
@@ -89,8 +93,11 @@ def test_flipped_byte_in_a_segment_names_a_tx_in_that_segment(copy: Path, where:
         ("UPDATE tail_records SET valid_time = valid_time + INTERVAL 1 SECOND WHERE tx = 16 AND seq = 1", 16),
         ("DELETE FROM tail_records WHERE tx = 19 AND seq = 1", 19),
         ("UPDATE tail_quarantine SET reason = 'valid after all' WHERE tx = 18", 18),
+        ("""UPDATE tail_quarantine SET headers = '[["trace","0"]]' WHERE tx = 18""", 18),
+        ("UPDATE tail_quarantine SET kafka_timestamp = NULL WHERE tx = 18", 18),
     ],
-    ids=["record-data", "tx-meta", "valid-time", "deleted-record", "quarantine-reason"],
+    ids=["record-data", "tx-meta", "valid-time", "deleted-record", "quarantine-reason",
+         "quarantine-headers", "quarantine-kafka-time"],
 )
 def test_value_changed_in_the_tail_names_that_tx(copy: Path, statement: str, bad_tx: int) -> None:
     con = duckdb.connect(str(copy / "ledger.duckdb"))

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 SEGMENTS_DIR = "segments"
 MANIFEST = "manifest.json"
-FORMAT = "commander-ledger/2"
+FORMAT = "commander-ledger/3"
 _ROW_GROUP = {"datoms": 16_384}  # small row groups: an entity lookup reads little
 
 
