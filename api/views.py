@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.params import Body, Parameter
+from litestar.response import Stream
 
 from api.errors import bad_request, not_found
 from api.query import MAX_ROWS, _plain, result_format, table_response
@@ -17,6 +21,7 @@ from api.services import Services  # Litestar reads handler annotations at runti
 from ledger import views
 from ledger.errors import InvalidQuery, InvalidViewName, UnknownView
 from ledger.export import export_zip
+from ledger.temporal import DEFAULT_TIMEOUT
 
 log = logging.getLogger("api")
 _rebuilds: set[asyncio.Task[Any]] = set()  # strong references while they run
@@ -151,16 +156,31 @@ def _rebuild(lg: Any, name: str) -> None:
 
 
 @get("/export", tags=["export"])
-async def export(services: Services, as_of: str | None = None, tables: str | None = None) -> Response[bytes]:
+async def export(services: Services, as_of: str | None = None, tables: str | None = None) -> Stream:
     """A zip of Parquet files (one per relation or view) and manifest.json (tables, row counts,
-    and the ledger digest at that tx), readable by plain DuckDB after unzip."""
+    and the ledger digest at that tx), readable by plain DuckDB after unzip. Each table's query
+    runs under the query time limit; the zip is spooled to a temporary file, not held in memory."""
     wanted = [t.strip() for t in tables.split(",") if t.strip()] if tables else None
+    spool = tempfile.TemporaryFile()
     try:
-        data, manifest = await asyncio.to_thread(
-            export_zip, services.ledger, as_of=time_param(as_of, "as_of"), tables=wanted,
+        manifest = await asyncio.to_thread(
+            export_zip, services.ledger, spool, as_of=time_param(as_of, "as_of"), tables=wanted,
+            timeout=DEFAULT_TIMEOUT,
         )
-    except UnknownView as e:
-        raise bad_request(str(e), field="tables") from e
-    return Response(data, media_type="application/zip", headers={
+        size = spool.seek(0, os.SEEK_END)
+        spool.seek(0)
+    except BaseException as e:
+        spool.close()
+        if isinstance(e, UnknownView):
+            raise bad_request(str(e), field="tables") from e
+        raise
+
+    async def chunks() -> AsyncIterator[bytes]:
+        with spool:
+            while chunk := await asyncio.to_thread(spool.read, 1 << 20):
+                yield chunk
+
+    return Stream(chunks(), media_type="application/zip", headers={
         "Content-Disposition": f'attachment; filename="ledger-tx{manifest["as_of_tx"]}.zip"',
+        "Content-Length": str(size),
     })

@@ -3,12 +3,11 @@ counts, the digest at that tx), readable by anything that reads Parquet."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import zipfile
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pyarrow.parquet as pq
 
@@ -40,7 +39,7 @@ def digest_at(lg: Ledger, tx: int) -> dict[str, Any]:
 
 
 def _tables(
-    lg: Ledger, as_of: TimePoint | None, tables: Sequence[str] | None
+    lg: Ledger, as_of: TimePoint | None, tables: Sequence[str] | None, timeout: float | None = None,
 ) -> tuple[int, Iterator[tuple[str, str, pa.Table]]]:
     db = lg.db() if as_of is None else lg.as_of(as_of)
     t = db.basis_tx
@@ -56,7 +55,7 @@ def _tables(
     def each() -> Iterator[tuple[str, str, pa.Table]]:
         for name in dict.fromkeys(wanted):
             kind = "relation" if name in RELATIONS else "view"
-            yield name, kind, db.sql(f"SELECT * FROM {name}", timeout=None)
+            yield name, kind, db.sql(f"SELECT * FROM {name}", timeout=timeout)
 
     return t, each()
 
@@ -89,22 +88,22 @@ def export_dir(
 
 
 def export_zip(
-    lg: Ledger, *, as_of: TimePoint | None = None, tables: Sequence[str] | None = None,
-) -> tuple[bytes, dict[str, Any]]:
-    """The same files as export_dir, as one zip (Parquet is already compressed: stored as is)."""
-    t, items = _tables(lg, as_of, tables)
-    buf = io.BytesIO()
+    lg: Ledger, out: BinaryIO, *, as_of: TimePoint | None = None, tables: Sequence[str] | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """The same files as export_dir, as one zip written to `out` (Parquet is already compressed:
+    stored as is). Each table's query runs under `timeout` seconds (None: no limit)."""
+    t, items = _tables(lg, as_of, tables, timeout)
     entries: dict[str, Any] = {}
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
         for name, kind, table in items:
             file = f"{name}.parquet"
-            data = io.BytesIO()
-            pq.write_table(table, data, compression="zstd")
-            z.writestr(file, data.getvalue())
+            with z.open(file, "w", force_zip64=True) as member:
+                pq.write_table(table, member, compression="zstd")
             entries[name] = {"file": file, "kind": kind, "rows": table.num_rows}
         manifest = _manifest(t, digest_at(lg, t), entries)
         z.writestr(MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return buf.getvalue(), manifest
+    return manifest
 
 
 def _fsync(path: Path) -> None:

@@ -16,6 +16,8 @@ import pytest
 from ledger import Ledger
 from ledger import views as v
 from ledger.cli import main
+from ledger.errors import InvalidQuery
+from ledger.export import export_zip
 from tests.test_api import Server, post_command, wait_for
 
 if TYPE_CHECKING:
@@ -102,3 +104,13 @@ def test_http_export_zip_is_readable_by_plain_duckdb(tmp_path: Path) -> None:
             assert json.loads(z.read("manifest.json"))["tables"]["tests"]["rows"] == 1
     finally:
         srv.stop()
+
+
+def test_export_runs_each_table_under_the_time_limit(data: Path, tmp_path: Path) -> None:
+    with Ledger.open(data) as lg:
+        v.define_view(lg, "slow", "SELECT count(*) AS n FROM range(100000000000) a, log")
+        with (tmp_path / "out.zip").open("wb") as out, pytest.raises(InvalidQuery, match="0.3 s limit"):
+            export_zip(lg, out, tables=["log", "slow"], timeout=0.3)
+        lg.append([{"kind": "event", "action": "deposited", "data": {"id": "a0", "amount": 9}}])
+        with (tmp_path / "out.zip").open("wb") as out:  # the ledger is still usable
+            assert export_zip(lg, out, tables=["amounts"], timeout=0.3)["tables"]["amounts"]["rows"] == 8
