@@ -898,6 +898,26 @@ def _record(row: tuple[Any, ...]) -> Record:
     )
 
 
+_VERIFY_RECORD_COLUMNS = (
+    "tx, seq, id, kind, action, parent, data, epoch_us(valid_time), key, headers, kafka_topic, "
+    "kafka_partition, kafka_offset, epoch_us(kafka_timestamp)"
+)
+
+
+def _rehash(row: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+    """A stored record row (_VERIFY_RECORD_COLUMNS) -> its recomputed hash, and (seq, id, kind,
+    action, data, data text, valid_us) for deriving its datoms."""
+    _tx, seq, rid, kind, action, parent, text, valid_us, key, headers, topic, partition, offset, kafka_us = (
+        row)
+    data = loads(text)
+    h = chain.record_hash(
+        id=rid, kind=kind, action=action, parent=parent, data=data, valid_us=valid_us, key=key,
+        headers=loads(headers) if headers else (), topic=topic, partition=partition, offset=offset,
+        kafka_us=kafka_us,
+    )
+    return h, (seq, rid, kind, action, data, text, valid_us)
+
+
 def _record_rows(
     stored: list[NewRecord], tx: int, tx_us: int
 ) -> tuple[dict[str, list[Any]], list[str]]:
@@ -1009,28 +1029,28 @@ class _ChainCheck:
         self.index = None if rows is None else _TxGroups(rows)
 
     def _derived(
-        self, tx: int, tx_us: int, rows: list[tuple[Any, ...]], recs: list[Record]
+        self, tx_us: int, recs: list[tuple[Any, ...]]
     ) -> tuple[dict[int, tuple[str, str, dict[str, Any]]], list[tuple[Any, ...]]]:
-        """What a tx's records yield, as the writer derives it (ledger.datoms): per event seq, its
-        entity, record id and {a: v}; and its entity index rows."""
+        """What a tx's records (see _rehash) yield, as the writer derives it (ledger.datoms): per
+        event seq, its entity, record id and {a: v}; and its entity index rows."""
         rules, key = self.rules, self.rules.entity_key
         out: dict[int, tuple[str, str, dict[str, Any]]] = {}
         index: list[tuple[Any, ...]] = []
-        for row, r in zip(rows, recs, strict=True):
-            if r.kind != "event" or (e := rules.entity_of(r.data)) is None:
+        for seq, rid, kind, action, data, text, valid_us in recs:
+            if kind != "event" or (e := rules.entity_of(data)) is None:
                 continue
             held = self.held.setdefault(e, set())
-            if rules.is_deletion(r.action):
+            if rules.is_deletion(action):
                 attrs = dict.fromkeys(sorted(held))
                 text = dumps(attrs)
             else:
-                attrs, text = r.data, row[6]  # the writer indexes the record's own JSON text
+                attrs = data  # and the writer indexes the record's own JSON text
             found = dict(datoms.attributes(attrs, key))
             for a, v in found.items():
                 (held.discard if v is None else held.add)(a)
-            index.append((e, r.seq, _micros(r.valid_time), tx_us, r.id, text))
+            index.append((e, seq, valid_us, tx_us, rid, text))
             if found:  # an event with no attribute has no datoms
-                out[r.seq] = (e, r.id, found)
+                out[seq] = (e, rid, found)
         return out, index
 
     def _check_index(self, tx: int, expected: list[tuple[Any, ...]]) -> bool:
@@ -1081,7 +1101,8 @@ class _ChainCheck:
         # cursor would not be in this snapshot): a segment's worth at most.
         datoms_by_tx = _TxGroups(cur.execute(
             f"SELECT tx, seq, e, a, v, record_id FROM {tables['datoms']} ORDER BY tx, seq, a").fetchall())
-        records = _TxGroups(cur.execute(select("records", "tx, seq")))
+        records = _TxGroups(cur.execute(
+            f"SELECT {_VERIFY_RECORD_COLUMNS} FROM {tables['records']} ORDER BY tx, seq"))
         for tx, tx_time, prev_h, h, n_rec, n_q, meta in txs:
             if tx != self.prev_tx + 1:
                 self.bad = (self.prev_tx + 1, f"tx {self.prev_tx + 1} is missing")
@@ -1097,8 +1118,7 @@ class _ChainCheck:
                 self.bad = (tx, f"expected {n_rec} records, found {len(rows)}")
                 return False
             try:
-                recs = [_record(row) for row in rows]
-                hashes = [r.hash for r in recs]
+                hashes, recs = zip(*map(_rehash, rows), strict=True) if rows else ((), ())
             except (TypeError, ValueError, AttributeError) as e:  # a damaged file read as other types
                 self.bad = (tx, f"a record of tx {tx} cannot be read: {e}")
                 return False
@@ -1123,7 +1143,7 @@ class _ChainCheck:
             stored: dict[int, tuple[str, str, dict[str, Any]]] = {}
             for _tx, seq, ent, a, v, rid in datom_rows:
                 stored.setdefault(seq, (ent, str(rid), {}))[2][a] = None if v is None else loads(v)
-            derived, index_rows = self._derived(tx, _micros(tx_time), rows, recs)
+            derived, index_rows = self._derived(_micros(tx_time), list(recs))
             if not _same(stored, derived):
                 self.bad = (tx, f"the datoms of tx {tx} do not match its records")
                 return False
