@@ -55,7 +55,7 @@ def _tables(
     def each() -> Iterator[tuple[str, str, pa.Table]]:
         for name in dict.fromkeys(wanted):
             kind = "relation" if name in RELATIONS else "view"
-            yield name, kind, db.sql(f"SELECT * FROM {name}", timeout=timeout)
+            yield name, kind, db.sql(f"SELECT * FROM {views.ident(name)}", timeout=timeout)
 
     return t, each()
 

@@ -366,12 +366,25 @@ def parse(cur: duckdb.DuckDBPyConnection, query: str) -> dict[str, Any] | None:
     return statement
 
 
+def _reaches_catalog(function: str) -> bool:
+    """Functions that read tables by name (query_table('tail_records')) or describe the catalog
+    (duckdb_tables(), pragma_table_info(...)): around the relations, so refused."""
+    return function in ("query", "query_table") or function.startswith(("duckdb_", "pragma_"))
+
+
 def check_relations(statement: Mapping[str, Any] | None, query: str, allowed: set[str]) -> None:
-    """Refuse tables other than the ledger's relations and views (and the query's own CTEs)."""
+    """Refuse tables other than the ledger's relations and views (and the query's own CTEs), and
+    functions that reach the catalog some other way."""
     if statement is None:  # DuckDB cannot serialize it: look for the catalog's names in the text
-        names = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query)} & _INTERNAL
+        words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query)}
+        names, functions = words & _INTERNAL, words
     else:
-        names = _tables(statement, frozenset())
+        names, functions = _tables(statement, frozenset()), _functions(statement)
+    if refused := sorted(f for f in functions if _reaches_catalog(f)):
+        raise InvalidQuery(
+            f"function {refused[0]}() is not available: queries read {', '.join(RELATIONS)} and "
+            "the views (GET /views, ledger views list)"
+        )
     unknown = sorted(names - {a.lower() for a in allowed})
     if unknown:
         raise InvalidQuery(
@@ -396,6 +409,20 @@ def _tables(tree: object, ctes: frozenset[str]) -> set[str]:
                 found.add(name)
         for value in tree.values():
             found |= _tables(value, ctes)
+    return found
+
+
+def _functions(tree: object) -> set[str]:
+    """Every function a parse tree calls (scalar, aggregate or table function), lower case."""
+    found: set[str] = set()
+    if isinstance(tree, list):
+        for item in tree:
+            found |= _functions(item)
+    elif isinstance(tree, dict):
+        if isinstance(name := tree.get("function_name"), str):
+            found.add(name.lower())
+        for value in tree.values():
+            found |= _functions(value)
     return found
 
 

@@ -54,6 +54,12 @@ NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 RESERVED = frozenset(RELATIONS) | {
     m.group(1) for ddl in CATALOG_DDL if (m := re.match(r"CREATE \w+ IF NOT EXISTS (\w+)", ddl))
 }
+# SQL's own words (SELECT, GROUP, ALL, ...): a view so named could only be read quoted.
+KEYWORDS = frozenset(
+    row[0] for row in duckdb.connect().execute(
+        "SELECT keyword_name FROM duckdb_keywords() WHERE keyword_category <> 'unreserved'"
+    ).fetchall()
+)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _AS_OF_VIEW = re.compile(r"(?P<name>[a-z_][a-z0-9_]*)__as_of_(?P<tx>\d+)")
 
@@ -82,7 +88,14 @@ def check_name(name: object) -> str:
         )
     if name in RESERVED or name.startswith("tail_") or "__as_of_" in name or name.startswith("_mv_"):
         raise InvalidViewName(f"view name {name!r} would shadow a relation or an internal table")
+    if name in KEYWORDS:
+        raise InvalidViewName(f"view name {name!r} is an SQL keyword")
     return name
+
+
+def ident(name: str) -> str:
+    """A view name as a quoted identifier (names recorded before keywords were refused included)."""
+    return f'"{name}"'
 
 
 # ------------------------------------------------------------------------------ the catalog
@@ -218,16 +231,16 @@ class Plan:
     def install(self, cur: duckdb.DuckDBPyConnection, timeout: float | None) -> None:
         """Create the views on `cur`; what must be computed first (a view as of another tx, a
         materialization's delta) runs within `timeout` seconds each."""
-        for ident, (name, tx) in self.pinned.items():
+        for alias, (name, tx) in self.pinned.items():
             db = Database(self.ledger, replace(self.pin, basis=tx, since=None))
             try:
-                cur.register(ident, db.sql(f"SELECT * FROM {name}", timeout=timeout))
+                cur.register(alias, db.sql(f"SELECT * FROM {ident(name)}", timeout=timeout))
             except LedgerError as e:
-                self.broken[ident] = f"view {name!r} as of tx {tx}: {e}"
+                self.broken[alias] = f"view {name!r} as of tx {tx}: {e}"
         for name, body, version in self.order:
             source = self._materialized(cur, name, version, timeout) or body
             try:
-                cur.execute(f"CREATE TEMP VIEW {name} AS {source}")
+                cur.execute(f"CREATE TEMP VIEW {ident(name)} AS {source}")
             except duckdb.Error as e:
                 # Maybe the query only mentions the name as a column: fail only if it is used.
                 self.broken[name] = (
@@ -348,7 +361,7 @@ def rows(
     db = lg.db() if as_of is None else lg.as_of(as_of)
     if not NAME.fullmatch(name):
         raise UnknownView(f"no view named {name!r}")
-    query = f"SELECT * FROM {name}"
+    query = f"SELECT * FROM {ident(name)}"
     if definition == "current":
         defs = definitions(lg)
         if name not in defs:
@@ -534,7 +547,7 @@ def rebuild(
         version = defs[name]
         progress(0.05, f"evaluating {name} over the log as of tx {m}")
         with _using(defs):  # from the log itself, not from any materialization
-            table = lg.as_of(m).sql(f"SELECT * FROM {name}", timeout=None)
+            table = lg.as_of(m).sql(f"SELECT * FROM {ident(name)}", timeout=None)
         progress(0.8, f"writing {table.num_rows} rows")
         file = f"{m}.parquet"
         _write_atomic(_dir(root, name) / file,

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from ledger import InvalidQuery, Ledger
+from ledger import InvalidQuery, Ledger, views
+from ledger.errors import InvalidViewName
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -54,6 +55,27 @@ def test_the_catalogs_own_tables_are_not_readable(lg: Ledger, query: str) -> Non
     # They hold rows newer than any as-of point, and offsets that are not the reader's business.
     with pytest.raises(InvalidQuery, match="unknown relation"):
         lg.as_of(1).sql(query)
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT * FROM query_table('tail_records')", "SELECT * FROM query('SELECT * FROM offsets')",
+    "SELECT count(*) FROM log WHERE tx IN (SELECT tx FROM query_table('tail_transactions'))",
+    "SELECT * FROM duckdb_tables()", "SELECT path FROM duckdb_databases()",
+    "SELECT * FROM pragma_table_info('tail_records')", "SELECT * FROM Query_Table('record_ids')",
+])
+def test_functions_that_reach_the_catalog_are_refused(lg: Ledger, query: str) -> None:
+    with pytest.raises(InvalidQuery, match=r"function \w+\(\) is not available"):
+        lg.as_of(1).sql(query)
+    with pytest.raises(InvalidQuery, match="is not available"):  # nor as a view
+        views.define_view(lg, "sneaky", query)
+
+
+@pytest.mark.parametrize("name", ["group", "all", "select", "order", "union", "table"])
+def test_a_view_may_not_take_an_sql_keyword_as_its_name(lg: Ledger, name: str) -> None:
+    with pytest.raises(InvalidViewName, match="SQL keyword"):
+        views.define_view(lg, name, "SELECT 1 AS x")
+    rows = lg.sql("SELECT kind, count(*) AS n FROM log GROUP BY ALL UNION ALL SELECT 'none', 0 ORDER BY ALL")
+    assert rows.to_pylist() == [{"kind": "event", "n": 8}, {"kind": "none", "n": 0}]
 
 
 def test_a_cte_may_take_a_catalog_tables_name(lg: Ledger) -> None:
