@@ -5,26 +5,44 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from litestar import Controller, Request, Response, get, post
+from litestar.plugins.problem_details import ProblemDetailsException
 
-from api.errors import bad_request, not_found, unavailable
+from api.errors import bad_request, not_found, problem, unavailable
 from api.records import children, decode_cursor, encode_cursor, get_record, list_records
 from api.services import Services  # Litestar reads handler annotations at runtime
-from ledger.records import uuid7
+from ledger.consumer import MAX_JSON_DEPTH, MAX_VALUE_BYTES, nests_deeper
+from ledger.errors import InvalidRecord
+from ledger.records import uuid7, validate
 
 ENVELOPE_FIELDS = {"action", "data", "user", "system"}
 MAX_SYNC_TIMEOUT = 30.0
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _not_a_number(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_command(body: bytes) -> dict[str, Any]:
-    """The request body as a command envelope; 400 naming the field for anything malformed."""
+    """The request body as a command envelope, checked as the ledger will check the record it
+    becomes (so what is accepted here is never quarantined); 400 naming the field otherwise."""
     try:
-        env = json.loads(body)
+        env = json.loads(body, parse_float=_finite, parse_constant=_not_a_number)
+    except RecursionError as e:
+        raise bad_request(f"body nests deeper than {MAX_JSON_DEPTH} levels", field="data") from e
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"body is not valid JSON: {e}", kind="malformed-json") from e
     if not isinstance(env, dict):
@@ -42,6 +60,13 @@ def parse_command(body: bytes) -> dict[str, Any]:
     for name in ("user", "system"):
         if env.get(name) is not None and not isinstance(env[name], str):
             raise bad_request(f"'{name}' must be a string", field=name)
+    if nests_deeper(env["data"], MAX_JSON_DEPTH - 1):  # the envelope is one more level
+        raise bad_request(f"'data' nests deeper than {MAX_JSON_DEPTH - 1} levels", field="data")
+    try:
+        validate(0, {"kind": "command", "action": action, "data": env["data"],
+                     "headers": [(k, env[k]) for k in ("user", "system") if env.get(k) is not None]})
+    except InvalidRecord as e:
+        raise bad_request(f"'{e.field}' {e.reason}", field=e.field) from e
     return env
 
 
@@ -98,11 +123,14 @@ async def _produce_and_wait(
     if producer is None:
         raise unavailable(f"Kafka at {services.bootstrap} is not reachable; nothing was written, "
                           "retry later")
+    value = msgspec.json.encode(command)
+    if len(value) > MAX_VALUE_BYTES:  # the ledger would quarantine it (and Kafka may refuse it)
+        raise too_large(len(value))
     try:
         async with asyncio.timeout(services.settings.produce_timeout):
-            meta = await producer.send_and_wait(
-                services.settings.commands_topic, msgspec.json.encode(command), key=key.encode()
-            )
+            meta = await producer.send_and_wait(services.settings.commands_topic, value, key=key.encode())
+    except MessageSizeTooLargeError as e:  # the broker's limit is lower: retrying will not help
+        raise too_large(len(value), f" (Kafka refused it: {e})") from e
     except (KafkaError, TimeoutError) as e:
         raise unavailable(f"Kafka did not accept the command ({type(e).__name__}: {e}); "
                           "nothing was written, retry later") from e
@@ -117,6 +145,12 @@ async def _produce_and_wait(
     except TimeoutError:
         return Response({**body, "status": "pending"}, status_code=202, headers=location)
     return Response({**body, "status": "done", "children": kids}, status_code=201, headers=location)
+
+
+def too_large(size: int, why: str = "") -> ProblemDetailsException:
+    return problem(413, "Body too large", f"the command is {size:,} bytes as a Kafka message, over the "
+                   f"{MAX_VALUE_BYTES:,}-byte limit{why}; nothing was written", kind="body-too-large",
+                   field="data")
 
 
 async def _page(

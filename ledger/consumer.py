@@ -52,6 +52,7 @@ _FIXED_OPTIONS = frozenset({"group_id", "enable_auto_commit", "auto_offset_reset
 # "replaced" would re-ingest the whole partition as a new generation.
 LOG_END_GRACE_S = 3.0
 MAX_JSON_DEPTH = 128  # containers in a value; deeper ones are quarantined (see decode)
+MAX_VALUE_BYTES = 1 << 20  # larger values are quarantined (the default of Consumer's max_value_bytes)
 _REFUSALS_BEFORE_CHECKING_ALL = 3  # see Consumer._append
 
 
@@ -128,7 +129,7 @@ class ConsumerStatus:
         }
 
 
-def _nests_deeper(value: Any, limit: int) -> bool:
+def nests_deeper(value: Any, limit: int) -> bool:
     """Whether JSON `value` has containers nested more than `limit` deep (without recursing)."""
     stack = [(value, 1)]
     while stack:
@@ -191,7 +192,7 @@ def decode(
         return reject(f"value nests deeper than {MAX_JSON_DEPTH} levels")
     # Hashing, validation and reads recurse once per level: a deeper value would raise in
     # append() and stop ingestion at this message for ever.
-    if value.count(b"[") + value.count(b"{") > MAX_JSON_DEPTH and _nests_deeper(env, MAX_JSON_DEPTH):
+    if value.count(b"[") + value.count(b"{") > MAX_JSON_DEPTH and nests_deeper(env, MAX_JSON_DEPTH):
         return reject(f"value nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(env, dict):
         return reject(f"value is a JSON {type(env).__name__}, not an object")
@@ -232,7 +233,7 @@ class Consumer:
         self, ledger: Ledger, *, bootstrap: str, group: str = "ledger",
         topics: tuple[str, ...] = ("commands", "events"), pattern: str | None = None,
         kinds: dict[str, str] | None = None, max_batch: int = 10_000,
-        max_value_bytes: int = 1 << 20, fetch_max_wait_ms: int = 100,
+        max_value_bytes: int = MAX_VALUE_BYTES, fetch_max_wait_ms: int = 100,
         kafka_options: Mapping[str, Any] | None = None,
     ) -> None:
         """`kafka_options` are extra AIOKafkaConsumer settings (default: $LEDGER_KAFKA_OPTIONS);

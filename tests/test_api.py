@@ -155,10 +155,30 @@ def test_cursor_pagination_is_stable_while_records_arrive(server: Server) -> Non
         ({"action": "x", "data": [1]}, "data"),
         ({"action": "x", "data": {}, "user": 5}, "user"),
         ({"action": "x", "data": {}, "colour": "red"}, "colour"),
+        # What the ledger would quarantine is refused here, not accepted and then lost:
+        (b'{"action": "\\ud800", "data": {}}', "action"),  # a lone surrogate
+        (b'{"action": "x", "data": {"\\udfff": 1}}', "data"),
+        (b'{"action": "x", "data": {"n": "\\ud800"}}', "data"),
+        (b'{"action": "x", "data": {}, "user": "\\ud800"}', "headers"),
+        (b'{"action": "x", "data": {"n": 1e400}}', None),  # not stored as null
+        (b'{"action": "x", "data": {"n": NaN}}', None),
+        (b'{"action": "x", "data": {"n": -Infinity}}', None),
+        (b'{"action": "x", "data": {"a": ' + b"[" * 200 + b"]" * 200 + b"}}", "data"),
+        (b'{"action": "x", "data": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "data"),
     ],
 )
 def test_malformed_commands_are_400_problems(server: Server, body: Any, field: str | None) -> None:
     assert_problem(post_command(server, body), 400, field=field)
+
+
+def test_a_command_too_large_for_a_kafka_message_is_413_not_503(server: Server) -> None:
+    # Under the body limit, over the message limit once the id and timestamp are added.
+    resp = post_command(server, {"action": "big", "data": {"s": "x" * ((1 << 20) - 40)}})
+    assert "Kafka message" in assert_problem(resp, 413, field="data")["detail"]
+    deepest = {"action": "x", "data": {"a": json.loads("[" * 126 + "]" * 126)}}  # 128 with the envelope
+    accepted = post_command(server, deepest)
+    assert accepted.status_code == 202
+    wait_for(lambda: httpx.get(server.url + accepted.headers["location"]).status_code == 200)  # stored
 
 
 def test_schema_violations_are_422_with_json_pointers(server: Server) -> None:
