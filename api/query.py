@@ -17,7 +17,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.params import Body
 
 from api.errors import bad_request, not_found, problem
-from api.records import record_json, time_param
+from api.records import instant_param, record_json, time_param
 from api.services import Services  # Litestar reads handler annotations at runtime
 
 MAX_ROWS = 100_000
@@ -89,7 +89,8 @@ class QueryController(Controller):
         """An entity's attributes as of a tx or instant (and valid at an instant)."""
         lg = services.ledger
         db = lg.db() if as_of is None else lg.as_of(time_param(as_of, "as_of") or 0)
-        found = await asyncio.to_thread(db.entity_with_tx, entity_id, valid_at=valid_at)
+        valid = instant_param(valid_at, "valid_at")
+        found = await asyncio.to_thread(db.entity_with_tx, entity_id, valid_at=valid)
         if found is None:
             raise not_found(f"entity {entity_id!r} (as of tx {db.basis_tx})")
         state, attribute_tx = found
@@ -147,13 +148,19 @@ class QueryController(Controller):
         if unknown:
             raise bad_request(f"unknown field {unknown[0]!r}", field=unknown[0])
         limit = data.get("limit", 10_000)
-        if not isinstance(limit, int) or not 1 <= limit <= MAX_ROWS:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_ROWS:
             raise bad_request(f"limit must be an integer between 1 and {MAX_ROWS}", field="limit")
-        as_of = data.get("as_of")
+        as_of, valid_at, params = data.get("as_of"), data.get("valid_at"), data.get("params")
+        if as_of is not None and (isinstance(as_of, bool) or not isinstance(as_of, (int, str))):
+            raise bad_request("as_of must be a tx number or an ISO-8601 instant", field="as_of")
+        if valid_at is not None and not isinstance(valid_at, str):
+            raise bad_request("valid_at must be an ISO-8601 instant", field="valid_at")
+        if params is not None and not isinstance(params, (list, dict)):
+            raise bad_request("params must be a list ($1, $2, ...) or an object ($name)", field="params")
         table = await asyncio.to_thread(
             services.ledger.sql, data["sql"],
             as_of=None if as_of is None else time_param(str(as_of), "as_of"),
-            valid_at=data.get("valid_at"), params=data.get("params"), limit=limit,
+            valid_at=instant_param(valid_at, "valid_at"), params=params, limit=limit,
         )
         return table_response(table, fmt)
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from api.errors import bad_request
+from ledger.errors import InvalidTime
+from ledger.records import to_utc
 
 if TYPE_CHECKING:
     from ledger import Ledger
@@ -51,19 +54,28 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
 
 def parse_position(text: str, what: str) -> tuple[int, int]:
     """A Last-Event-ID ("tx.seq") or an after_tx ("tx") as a (tx, seq) position to resume after."""
-    try:
-        if "." in text:
-            tx, seq = text.split(".")
-            return int(tx), int(seq)
-        return int(text), 2**31
-    except ValueError as e:
-        raise bad_request(f"{what} {text!r} must be 'TX' or 'TX.SEQ'", field=what) from e
+    if not (m := re.fullmatch(r"([0-9]+)(?:\.([0-9]+))?", text)):
+        raise bad_request(f"{what} {text!r} must be 'TX' or 'TX.SEQ'", field=what)
+    return int(m[1]), 2**31 if m[2] is None else int(m[2])
 
 
-def time_param(text: str | None, what: str) -> int | str | None:
+def time_param(text: str | None, what: str) -> int | datetime | None:
+    """A tx number (ASCII digits) or an ISO-8601 instant with its offset; 400 naming `what`."""
     if text is None or text == "":
         return None
-    return int(text) if text.isdigit() else text
+    if text.isascii() and text.isdigit():
+        return int(text)
+    return instant_param(text, what)
+
+
+def instant_param(text: str | None, what: str) -> datetime | None:
+    """An ISO-8601 instant with its offset (a valid time); 400 naming `what`."""
+    if text is None or text == "":
+        return None
+    try:
+        return to_utc(text, what)
+    except InvalidTime as e:
+        raise bad_request(str(e), field=what, kind="invalid-time") from e
 
 
 def list_records(

@@ -16,7 +16,7 @@ from litestar.response import Stream
 
 from api.errors import bad_request, not_found
 from api.query import MAX_ROWS, _plain, result_format, table_response
-from api.records import time_param
+from api.records import instant_param, time_param
 from api.services import Services  # Litestar reads handler annotations at runtime
 from ledger import views
 from ledger.errors import InvalidQuery, InvalidViewName, UnknownView
@@ -100,7 +100,8 @@ class ViewController(Controller):
         try:
             table = await asyncio.to_thread(
                 views.rows, services.ledger, name, as_of=time_param(as_of, "as_of"),
-                valid_at=valid_at or None, definition=_definition_param(definition), limit=limit,
+                valid_at=instant_param(valid_at, "valid_at"), definition=_definition_param(definition),
+                limit=limit,
             )
         except UnknownView as e:
             raise not_found(f"view {name!r}" + (f" as of {as_of}" if as_of else "")) from e

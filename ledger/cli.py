@@ -89,7 +89,7 @@ def open_snapshot(args: argparse.Namespace) -> Ledger:
 def time_point(text: str) -> TimePoint:
     """argparse type for --as-of: digits are a tx number, anything else an ISO-8601 instant."""
     try:
-        if re.fullmatch(r"[+-]?\d+", text.strip()):
+        if re.fullmatch(r"[+-]?[0-9]+", text.strip()):
             return check_time_point(int(text), "--as-of")
         return to_utc(text, "--as-of")
     except InvalidTime as e:

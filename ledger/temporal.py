@@ -97,7 +97,7 @@ _TIME_TRAVEL = re.compile(
     # String literals, quoted names and comments first, so that they are skipped whole.
     r"(?P<skip>'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/)|"
     r"\b(?P<rel>[A-Za-z_][A-Za-z0-9_]*)\s+FOR\s+SYSTEM_TIME\s+AS\s+OF\s+"
-    r"(?P<point>\d+|TIMESTAMP\s*'[^']*'|'[^']*')(?P<after>\s+(?P<next>[A-Za-z_]+))?",
+    r"(?P<point>[0-9]+|TIMESTAMP\s*'[^']*'|'[^']*')(?P<after>\s+(?P<next>[A-Za-z_]+))?",
     re.IGNORECASE | re.DOTALL,
 )
 _NOT_ALIASES = {

@@ -223,7 +223,21 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
     q = httpx.post(server.url + "/query", json={"sql": "SELECT * FROM read_text('/etc/hostname')"})
     assert "disabled" in assert_problem(q, 400)["detail"]
     assert_problem(httpx.post(server.url + "/query", json={"sql": "SELECT nonsense("}), 400)
-    assert_problem(httpx.get(server.url + "/entities/x", params={"as_of": "yesterday"}), 400)
+    # A bad time names its parameter (and full-width digits are not a tx number).
+    for path, params in [("/entities/x", {"as_of": "yesterday"}), ("/entities/x", {"as_of": "\uff13"}),
+                         ("/entities/x", {"valid_at": "2024-01-01T00:00:00"}),
+                         ("/entities/x/history", {"until": "soon"}), ("/commands", {"since": "abc"}),
+                         ("/events", {"as_of": "1e3"}), ("/tx", {"since": "x"}),
+                         ("/views/nope/changes", {"from": "abc"}), ("/views/nope/changes", {"from": "1", "to": "z"}),
+                         ("/updates", {"after_tx": "\uff13"})]:
+        field = next(iter(params)) if len(params) == 1 else "to"
+        detail = assert_problem(httpx.get(server.url + path, params=params), 400, field=field)["detail"]
+        assert field in detail, (path, params, detail)
+    for extra, field in [({"limit": True}, "limit"), ({"params": "x"}, "params"), ({"as_of": True}, "as_of"),
+                         ({"valid_at": 5}, "valid_at"), ({"valid_at": "noon"}, "valid_at"),
+                         ({"as_of": "noon"}, "as_of")]:
+        resp = httpx.post(server.url + "/query", json={"sql": "SELECT 1 AS x", **extra})
+        assert_problem(resp, 400, field=field)
     # the service keeps serving after every one of those
     assert httpx.get(server.url + "/ready").status_code == 200
 
