@@ -63,6 +63,7 @@ class Settings:
         default_factory=lambda: int(w) if (w := os.environ.get("LEDGER_FETCH_MAX_WAIT_MS")) else None
     )
     demo: bool = False
+    ledger: Ledger | None = None  # already open (ledger serve opens it first); else opened at start
     embedded_broker: bool = False  # the bootstrap is a bundled broker the caller started
     partitions: int = 3  # for topics the embedded broker creates
 
@@ -93,7 +94,7 @@ class Services:
             self.bootstrap = self.broker.bootstrap
             topics = {s.commands_topic: s.partitions, s.events_topic: s.partitions}
             await create_topics_async(self.bootstrap, topics)
-        self.ledger = await asyncio.to_thread(Ledger.open, s.data_dir)
+        self.ledger = s.ledger if s.ledger is not None else await asyncio.to_thread(Ledger.open, s.data_dir)
         extra: tuple[Path, ...] = (s.schemas_dir,) if s.schemas_dir else ()
         if s.demo:
             from examples.bank import SCHEMAS

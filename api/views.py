@@ -8,10 +8,10 @@ import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, post, put
-from litestar.params import Body, Parameter
+from litestar.params import Body, QueryParameter
 from litestar.response import Stream
 
 from api.errors import bad_request, not_found
@@ -124,8 +124,8 @@ class ViewController(Controller):
 
     @get("/{name:str}/changes")
     async def changes(
-        self, services: Services, name: str, since: str = Parameter(query="from"),
-        until: str | None = Parameter(query="to", default=None), definition: str = "as_of",
+        self, services: Services, name: str, since: Annotated[str, QueryParameter(name="from")],
+        until: Annotated[str | None, QueryParameter(name="to")] = None, definition: str = "as_of",
     ) -> dict[str, Any]:
         """Rows added and removed between two points (tx numbers or instants)."""
         lg = services.ledger

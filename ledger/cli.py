@@ -419,7 +419,7 @@ def run_consume(args: argparse.Namespace) -> int:
 def add_serve(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
     parser.add_argument("--host", help="address to listen on (env LEDGER_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (env LEDGER_PORT, default 8000)")
+    parser.add_argument("--port", help="port (env LEDGER_PORT, default 8000)")
     parser.add_argument("--bootstrap", metavar="HOST:PORT",
                         help="Kafka bootstrap (env LEDGER_KAFKA_BOOTSTRAP; unset: run the bundled broker)")
     parser.add_argument("--demo", action="store_true", help="also run the example bank processor")
@@ -438,7 +438,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.bootstrap:
         settings.bootstrap = args.bootstrap
     host = setting(args.host, "LEDGER_HOST", "127.0.0.1")
-    port = int(setting(None if args.port is None else str(args.port), "LEDGER_PORT", "8000"))
+    port = _int_setting("--port" if args.port else "LEDGER_PORT", setting(args.port, "LEDGER_PORT", "8000"))
+    if not 1 <= port <= 65535:
+        raise UsageError(f"port must be between 1 and 65535, got {port}")
+    # Opened here, not in the app's startup: a data dir another process writes is one line and
+    # exit code 1, not an ASGI lifespan traceback.
+    settings.ledger = Ledger.open(settings.data_dir)
     broker = None
     if not settings.bootstrap:
         # The embedded default. Started here, in the main thread, so the kernel stops the broker
@@ -455,6 +460,7 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         if broker is not None:
             broker.stop()
+        settings.ledger.close()  # (the app closes it when it started; closing twice is a no-op)
     return OK
 
 

@@ -319,3 +319,18 @@ def test_csv_holds_types_csv_cannot(built: Built, capsys: pytest.CaptureFixture[
 def test_console_script_is_declared() -> None:
     with (ROOT / "pyproject.toml").open("rb") as f:
         assert tomllib.load(f)["project"]["scripts"]["ledger"] == "ledger.cli:main"
+
+
+def test_serve_refuses_a_port_out_of_range_and_a_data_dir_another_process_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    for port in ("99999", "0", "http"):
+        assert main(["serve", "--data-dir", str(tmp_path / "d"), "--port", port]) == 2
+        assert capsys.readouterr().err.startswith("ledger: error: ")
+    with Ledger.open(tmp_path / "d"):  # this process writes it
+        done = subprocess.run(
+            [sys.executable, "-m", "ledger", "serve", "--data-dir", str(tmp_path / "d"), "--port", "1"],
+            capture_output=True, text=True, timeout=120, env=ledger_env(),
+        )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "is being written by process" in done.stderr, done.stderr
