@@ -41,7 +41,7 @@ async def health() -> dict[str, Any]:
 @get("/ready", tags=["health"])
 async def ready(services: Services) -> Response[dict[str, Any]]:
     """Readiness: the ledger is open, the consumer has partitions, the broker is reachable."""
-    body = services.ready()
+    body = await services.ready()
     return Response(body, status_code=200 if body["ready"] else 503)
 
 

@@ -262,12 +262,24 @@ class Services:
         parts = self.consumer.status.as_dict()["partitions"]
         return any((p["lag"] or 0) > 0 for p in parts)
 
-    def ready(self) -> dict[str, Any]:
+    async def _broker_answers(self) -> bool:
+        """Whether the broker answers a metadata request now (the producer's cached metadata
+        outlives a dead broker)."""
+        if self.producer is None:
+            return False
+        try:
+            async with asyncio.timeout(2.0):
+                await self.producer.client.fetch_all_metadata()
+        except (KafkaError, TimeoutError, OSError):
+            return False
+        return True
+
+    async def ready(self) -> dict[str, Any]:
         status = self.consumer.status.as_dict()
         checks = {
             "ledger": not self.ledger.read_only,
             "consumer": status["running"] and bool(status["partitions"]),
-            "broker": self.producer is not None and bool(self.producer.client.cluster.brokers()),
+            "broker": await self._broker_answers(),
         }
         return {"ready": all(checks.values()), "checks": checks, "tx": self.ledger.head.tx,
                 "sync_waiters": self.children.waiting, "consumer": status}

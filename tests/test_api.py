@@ -228,7 +228,8 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
                          ("/entities/x", {"valid_at": "2024-01-01T00:00:00"}),
                          ("/entities/x/history", {"until": "soon"}), ("/commands", {"since": "abc"}),
                          ("/events", {"as_of": "1e3"}), ("/tx", {"since": "x"}),
-                         ("/views/nope/changes", {"from": "abc"}), ("/views/nope/changes", {"from": "1", "to": "z"}),
+                         ("/views/nope/changes", {"from": "abc"}),
+                         ("/views/nope/changes", {"from": "1", "to": "z"}),
                          ("/updates", {"after_tx": "\uff13"})]:
         field = next(iter(params)) if len(params) == 1 else "to"
         detail = assert_problem(httpx.get(server.url + path, params=params), 400, field=field)["detail"]
@@ -354,3 +355,25 @@ def test_sync_waiters_never_leak(server: Server) -> None:
         httpx.post(server.url + "/commands", params={"sync": "true", "timeout": 5},
                    json={"action": "nobody-answers", "data": {}}, timeout=0.3)
     wait_for(lambda: httpx.get(server.url + "/ready").json()["sync_waiters"] == 0, timeout=10)
+
+
+def test_ready_notices_a_dead_broker_and_its_return(tmp_path: Path) -> None:
+    from ledger.broker import Broker, create_topics
+
+    broker = Broker().start()
+    port = int(broker.bootstrap.rsplit(":", 1)[1])
+    create_topics(broker.bootstrap, {"commands": 3, "events": 3})
+    srv = Server(tmp_path / "data", "--bootstrap", broker.bootstrap,
+                 env={"LEDGER_KAFKA_BOOTSTRAP": broker.bootstrap}).start()
+    try:
+        assert httpx.get(srv.url + "/ready").json()["checks"]["broker"] is True
+        broker.stop()
+        r = wait_for(lambda: (r := httpx.get(srv.url + "/ready", timeout=10)).status_code == 503 and r, 30)
+        body = r.json()
+        assert body["checks"]["broker"] is False
+        broker = Broker(port=port).start()  # back on the same address (memory storage: empty)
+        create_topics(broker.bootstrap, {"commands": 3, "events": 3})
+        wait_for(lambda: httpx.get(srv.url + "/ready", timeout=10).json()["checks"]["broker"], 60)
+    finally:
+        srv.stop()
+        broker.stop()
