@@ -83,7 +83,8 @@ class CommandController(Controller):
         if not 0 < timeout <= MAX_SYNC_TIMEOUT:
             raise bad_request(f"timeout must be in (0, {MAX_SYNC_TIMEOUT}] seconds", field="timeout")
         env = parse_command(await request.body())
-        services.schemas.check(env["action"], env["data"])
+        # On a thread: a schema's `pattern` is a Python regex, and a slow one must not stall the loop.
+        await asyncio.to_thread(services.schemas.check, env["action"], env["data"])
         command = {
             "id": uuid7(), "action": env["action"], "data": env["data"],
             "timestamp": datetime.now(UTC).isoformat(),

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from referencing.exceptions import Unresolvable
 
 from api.errors import bad_request, problem
 
@@ -16,6 +17,19 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 ACTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _remote_ref(schema: object) -> str | None:
+    """The first $ref / $dynamicRef that is not a local pointer (#...), if any."""
+    if isinstance(schema, list):
+        return next((r for item in schema if (r := _remote_ref(item))), None)
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in ("$ref", "$dynamicRef") and isinstance(value, str) and not value.startswith("#"):
+                return value
+            if found := _remote_ref(value):
+                return found
+    return None
 
 
 class SchemaRegistry:
@@ -32,7 +46,14 @@ class SchemaRegistry:
 
     def _install(self, action: str, schema: dict[str, Any]) -> None:
         Draft202012Validator.check_schema(schema)
-        self._validators[action] = Draft202012Validator(schema)
+        if remote := _remote_ref(schema):  # the service fetches nothing
+            raise SchemaError(f"$ref {remote!r} points outside the schema; only local refs (#...) resolve")
+        validator = Draft202012Validator(schema)
+        try:
+            validator.is_valid({})
+        except RecursionError as e:
+            raise SchemaError("the schema refers to itself without end") from e
+        self._validators[action] = validator
 
     def all(self) -> dict[str, Any]:
         return {a: v.schema for a, v in sorted(self._validators.items())}
@@ -63,7 +84,12 @@ class SchemaRegistry:
                 raise problem(422, "Unknown action", f"no schema is registered for action {action!r} "
                               "and the service is strict", kind="unknown-action", field="action")
             return
-        errors = sorted(v.iter_errors(data), key=lambda e: list(e.absolute_path))
+        try:
+            errors = sorted(v.iter_errors(data), key=lambda e: list(e.absolute_path))
+        except (RecursionError, Unresolvable) as e:
+            raise problem(500, "Schema error", f"the schema registered for {action!r} cannot be "
+                          f"evaluated ({type(e).__name__}: {e}); replace it with PUT /schemas/{action}",
+                          kind="schema-error") from e
         if errors:
             violations = [
                 {"pointer": "/data" + "".join(f"/{p}" for p in e.absolute_path), "message": e.message}

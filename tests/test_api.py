@@ -196,6 +196,15 @@ def test_schema_violations_are_422_with_json_pointers(server: Server) -> None:
     cmd = wait_for(lambda: (r := httpx.get(server.url + ok.headers["location"])).status_code == 200 and r)
     assert cmd.json()["key"] == "acct-9"  # the schema named the entity key
     assert_problem(httpx.put(server.url + "/schemas/bad", json={"type": 5}), 400, field="schema")
+    for schema in ({"$ref": "http://example.com/x.json"}, {"properties": {"a": {"$ref": "other.json#"}}},
+                   {"$ref": "#"}):
+        assert_problem(httpx.put(server.url + "/schemas/bad", json=schema), 400, field="schema")
+    # A loop only some data reaches: a problem naming the schema, not a crash (and not the client's fault).
+    loop = {"properties": {"a": {"$ref": "#/properties/a"}}}
+    assert httpx.put(server.url + "/schemas/loops", json=loop).status_code == 200
+    assert post_command(server, {"action": "loops", "data": {}}).status_code == 202
+    resp = post_command(server, {"action": "loops", "data": {"a": 1}})
+    assert "PUT /schemas/loops" in assert_problem(resp, 500)["detail"]
 
 
 def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
