@@ -94,12 +94,25 @@ def needed_relations(query: str, suffix: str = "") -> set[str]:
 
 
 _TIME_TRAVEL = re.compile(
-    # String literals, quoted names and comments first, so that they are skipped whole.
-    r"(?P<skip>'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/)|"
-    r"\b(?P<rel>[A-Za-z_][A-Za-z0-9_]*)\s+FOR\s+SYSTEM_TIME\s+AS\s+OF\s+"
-    r"(?P<point>[0-9]+|TIMESTAMP\s*'[^']*'|'[^']*')(?P<after>\s+(?P<next>[A-Za-z_]+))?",
+    r"(?<![\w$])(?P<rel>[A-Za-z_][A-Za-z0-9_]*|\"[A-Za-z_][A-Za-z0-9_]*\")\s+FOR\s+SYSTEM_TIME\s+AS\s+OF\s+"
+    r"(?P<point>[0-9]+|TIMESTAMP(?:TZ)?\s*'[^']*'|'[^']*')(?![\w.'+*/-])"
+    r"(?P<after>\s+(?P<next>[A-Za-z_]+))?|"
+    # String literals, quoted names and comments: skipped whole.
+    r"(?P<skip>'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/)",
     re.IGNORECASE | re.DOTALL,
 )
+_SYSTEM_TIME = re.compile(
+    r"(?P<skip>'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/)|\bFOR\s+SYSTEM_TIME\b",
+    re.IGNORECASE | re.DOTALL,
+)
+TIME_TRAVEL_SYNTAX = "relation FOR SYSTEM_TIME AS OF <tx number | TIMESTAMP '...' | '...'>"
+
+
+def mentions_time_travel(query: str) -> bool:
+    """Whether FOR SYSTEM_TIME appears outside string literals, quoted names and comments."""
+    return any(m.group("skip") is None for m in _SYSTEM_TIME.finditer(query))
+
+
 _NOT_ALIASES = {
     "where", "join", "left", "right", "inner", "outer", "full", "cross", "on", "using", "group",
     "order", "limit", "having", "union", "except", "intersect", "window", "qualify", "natural",
@@ -125,14 +138,17 @@ def rewrite_time_travel(query: str, resolve: Callable[[TimePoint], int]) -> tupl
         else:
             tx = resolve(point.split("'")[1])
         txs.add(tx)
-        name = m.group("rel")
+        name = m.group("rel").strip('"')
         out = f"{name}{suffix_for(tx)}"
         nxt = m.group("next")
         if nxt is None or nxt.lower() in _NOT_ALIASES:
             out += f" AS {name}"
         return out + (m.group("after") or "")
 
-    return _TIME_TRAVEL.sub(replace_clause, query), txs
+    rewritten = _TIME_TRAVEL.sub(replace_clause, query)
+    if mentions_time_travel(rewritten):
+        raise InvalidQuery(f"FOR SYSTEM_TIME is written {TIME_TRAVEL_SYNTAX} (no expressions or parameters)")
+    return rewritten, txs
 
 
 def check_read_only(query: str) -> None:
@@ -387,9 +403,11 @@ def check_relations(statement: Mapping[str, Any] | None, query: str, allowed: se
         )
     unknown = sorted(names - {a.lower() for a in allowed})
     if unknown:
+        name, _, tx = unknown[0].partition(suffix_for(0)[:-1])
+        at = f" (as of tx {tx})" if tx.isdigit() else ""
         raise InvalidQuery(
-            f"unknown relation {unknown[0]!r}: queries read {', '.join(RELATIONS)} and the views "
-            "(GET /views, ledger views list)"
+            f"unknown relation {(name if at else unknown[0])!r}{at}: queries read {', '.join(RELATIONS)} "
+            "and the views (GET /views, ledger views list)"
         )
 
 

@@ -36,6 +36,7 @@ from ledger.temporal import (
     Pin,
     TimePoint,
     check_read_only,
+    mentions_time_travel,
     rewrite_time_travel,
 )
 
@@ -330,6 +331,9 @@ def define_view(lg: Ledger, name: str, sql: str, description: str = "") -> tuple
     if not isinstance(description, str):
         raise InvalidQuery("a view's 'description' must be a string")
     sql = sql.strip().rstrip(";").strip()
+    if mentions_time_travel(sql):
+        raise InvalidQuery("a view cannot use FOR SYSTEM_TIME: it is evaluated as of the point it is "
+                           "read at; pin it in the query instead (... FROM view FOR SYSTEM_TIME AS OF t)")
     check_read_only(sql)
     if duckdb.extract_statements(sql)[0].type != duckdb.StatementType.SELECT:
         raise InvalidQuery("a view must be a SELECT")

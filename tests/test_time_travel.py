@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from ledger import InvalidTime, Ledger
+from ledger import InvalidQuery, InvalidTime, Ledger, views
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -57,3 +57,31 @@ def test_the_clause_inside_a_string_or_a_comment_is_left_alone(lg: Ledger) -> No
     rows = lg.sql("SELECT 'log FOR SYSTEM_TIME AS OF 3' AS s, count(*) AS n "
                   "FROM log FOR SYSTEM_TIME AS OF 2 -- not log FOR SYSTEM_TIME AS OF 5\n").to_pylist()
     assert rows == [{"s": "log FOR SYSTEM_TIME AS OF 3", "n": 2}]
+
+
+def test_quoted_names_and_timestamptz_literals_travel_too(lg: Ledger) -> None:
+    t3 = lg.tx_range(3, 4)[0].tx_time.isoformat()
+    rows = lg.sql('SELECT (SELECT count(*) FROM "log" FOR SYSTEM_TIME AS OF 2) AS n, '
+                  f"(SELECT max(tx) FROM log FOR SYSTEM_TIME AS OF TIMESTAMPTZ '{t3}') AS m").to_pylist()
+    assert rows == [{"n": 2, "m": 3}]
+
+
+@pytest.mark.parametrize("point", ["2+3", "5.5", "$1", "(SELECT 2)", "now()"])
+def test_a_point_that_is_not_a_literal_says_how_to_write_it(lg: Ledger, point: str) -> None:
+    with pytest.raises(InvalidQuery, match="FOR SYSTEM_TIME is written"):
+        lg.sql(f"SELECT * FROM log FOR SYSTEM_TIME AS OF {point}", params=[1] if "$" in point else None)
+
+
+def test_an_unknown_relation_as_of_a_tx_is_named_as_written(lg: Ledger) -> None:
+    with pytest.raises(InvalidQuery, match=r"unknown relation 'hist' \(as of tx 4\)"):
+        lg.sql("SELECT * FROM hist FOR SYSTEM_TIME AS OF 4")
+
+
+def test_a_view_may_not_travel_but_a_query_may_pin_a_view(lg: Ledger) -> None:
+    with pytest.raises(InvalidQuery, match="a view cannot use FOR SYSTEM_TIME"):
+        views.define_view(lg, "early", "SELECT * FROM log FOR SYSTEM_TIME AS OF 2")
+    views.define_view(lg, "counted", "SELECT count(*) AS n FROM events WHERE action = 'balance-set'")
+    defined = lg.head.tx
+    lg.append([{"kind": "event", "action": "balance-set", "data": {"id": "acct-9", "balance": 9}}])
+    assert lg.sql(f"SELECT n FROM counted FOR SYSTEM_TIME AS OF {defined}").to_pylist() == [{"n": 8}]
+    assert lg.sql("SELECT n FROM counted").to_pylist() == [{"n": 9}]
