@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -296,9 +297,15 @@ def run_info(args: argparse.Namespace) -> int:
         if bootstrap:
             import asyncio
 
+            from aiokafka.errors import KafkaError
+
             from ledger.consumer import partition_lag
 
-            info["lag"] = asyncio.run(partition_lag(lg, bootstrap=bootstrap, group=group))
+            logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the error below says it once
+            try:
+                info["lag"] = asyncio.run(partition_lag(lg, bootstrap=bootstrap, group=group))
+            except KafkaError as e:
+                raise LedgerError(f"Kafka at {bootstrap} is not reachable for the lag ({e})") from e
     if args.json:
         print(json.dumps(info, default=_json_default))
         return OK
@@ -306,7 +313,8 @@ def run_info(args: argparse.Namespace) -> int:
     for key, label in _INFO_LABELS.items():
         if key in info:
             value = info[key]
-            text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else cell(value)
+            text = (f"{value:,}" if isinstance(value, int) and not isinstance(value, bool)
+                    else "-" if value is None else cell(value))
             print(f"{label.ljust(width)}  {text}")
     for row in info.get("lag", []):
         print(f"{'lag ' + row['topic'] + '/' + str(row['partition']):<{width}}  {row['lag']} "

@@ -606,11 +606,13 @@ async def partition_lag(
     from 0, so records waiting for a consumer that never ran show up as lag). Uses `highwater()`
     from a fetch (some brokers answer `end_offsets()` wrongly)."""
     marks = ledger.offsets(group)
-    if not marks and not topics:
-        return []
     kafka = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              fetch_max_wait_ms=50, request_timeout_ms=int(timeout * 1000))
-    await kafka.start()
+    try:
+        await kafka.start()  # also when there is nothing to ask: an unreachable broker is an error
+    except BaseException:
+        await kafka.stop()
+        raise
     try:
         if topics:
             existing = await kafka.topics()  # metadata only: asking never creates a topic

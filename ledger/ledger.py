@@ -502,7 +502,7 @@ class Ledger:
     def digest(self) -> dict[str, Any]:
         """The latest transaction's number, time and hash: publish it to pin the history."""
         h = self._head
-        return {"tx": h.tx, "tx_time": h.tx_time.isoformat(), "hash": h.hash}
+        return {"tx": h.tx, "tx_time": h.tx_time.isoformat() if h.tx else None, "hash": h.hash}
 
     # ----------------------------------------------------------------------------------- writes
     def append(

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -334,3 +335,15 @@ def test_serve_refuses_a_port_out_of_range_and_a_data_dir_another_process_writes
         )
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "is being written by process" in done.stderr, done.stderr
+
+
+def test_info_says_when_the_broker_for_the_lag_is_unreachable(tmp_path: Path) -> None:
+    Ledger.open(tmp_path / "d").close()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = ledger("info", "--data-dir", str(tmp_path / "d"), "--bootstrap", f"127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert done.stderr.startswith("ledger: error: Kafka at") and done.stderr.count("\n") == 1, done.stderr
+    shown = ledger("info", "--data-dir", str(tmp_path / "d"), "--json")
+    assert json.loads(shown.stdout)["tx_time"] is None  # no transaction yet (was year 1)
