@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from litestar import Request, WebSocket, get, websocket
 from litestar.exceptions import WebSocketDisconnect
+from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from api.errors import bad_request
@@ -78,8 +79,17 @@ async def ws_updates(
     socket: WebSocket[Any, Any, Any], services: Services, kind: str | None = None,
     action: list[str] | None = None, after_tx: str | None = None,
 ) -> None:
-    """The same stream over a WebSocket: JSON text frames; resume with ?after_tx=TX.SEQ."""
-    after = _start(services, None, after_tx, kind)
+    """The same stream over a WebSocket: JSON text frames; resume with ?after_tx=TX.SEQ (or a
+    Last-Event-ID header). Bad parameters: one problem+json frame, then close code 1008."""
+    try:
+        after = _start(services, socket.headers.get("last-event-id"), after_tx, kind)
+    except ProblemDetailsException as e:
+        await socket.accept()
+        extra = e.extra if isinstance(e.extra, dict) else {}
+        await socket.send_json({"type": e.type_, "title": e.title, "status": e.status_code,
+                                "detail": e.detail, **extra})
+        await socket.close(code=1008, reason=e.detail[:120])
+        return
     await socket.accept()
     try:
         async for item in record_stream(services, after, kind, action):

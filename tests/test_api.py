@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,6 +332,14 @@ def test_sse_and_websocket_deliver_every_record_once_in_order_across_reconnects(
     with ws_connect(ws_url) as ws:  # no position: the records from now on
         post_command(server, {"action": "stream-test", "data": {"i": 33}})
         assert json.loads(ws.recv(timeout=10))["data"]["i"] == 33
+    with ws_connect(ws_url, additional_headers={"Last-Event-ID": resume}) as ws:  # the header resumes too
+        assert json.loads(ws.recv(timeout=10))["data"]["i"] == 10
+    with ws_connect(ws_url + "&after_tx=soon") as ws:  # a bad position: one problem frame, then 1008
+        problem = json.loads(ws.recv(timeout=10))
+        assert problem["status"] == 400 and problem["field"] == "after_tx", problem
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
 def test_temporal_reads_over_http(server: Server) -> None:
