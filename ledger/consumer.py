@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.client import AIOKafkaClient
 from aiokafka.structs import OffsetAndMetadata
 
 from ledger.errors import InvalidRecord, LedgerError
@@ -606,10 +607,17 @@ async def partition_lag(
     from 0, so records waiting for a consumer that never ran show up as lag). Uses `highwater()`
     from a fetch (some brokers answer `end_offsets()` wrongly)."""
     marks = ledger.offsets(group)
+    if not marks and not topics:  # nothing to ask, but an unreachable broker is still an error
+        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        try:
+            await client.bootstrap()
+        finally:
+            await client.close()
+        return []
     kafka = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              fetch_max_wait_ms=50, request_timeout_ms=int(timeout * 1000))
     try:
-        await kafka.start()  # also when there is nothing to ask: an unreachable broker is an error
+        await kafka.start()
     except BaseException:
         await kafka.stop()
         raise
