@@ -93,18 +93,21 @@ def needed_relations(query: str, suffix: str = "") -> set[str]:
     return {n + suffix for n in names}
 
 
+# String literals ('..', E'..', $$..$$), quoted names and comments, skipped whole; an unclosed one
+# runs to the end (else every later opener would rescan the rest of the query: quadratic).
+_SKIP = (
+    r"(?P<skip>E'(?:[^'\\]|\\.|'')*(?:'|\Z)|'(?:[^']|'')*(?:'|\Z)|\$\$.*?(?:\$\$|\Z)|"
+    r"\"(?:[^\"]|\"\")*(?:\"|\Z)|--[^\n]*|/\*.*?(?:\*/|\Z))"
+)
 _TIME_TRAVEL = re.compile(
     r"(?<![\w$])(?P<rel>[A-Za-z_][A-Za-z0-9_]*|\"[A-Za-z_][A-Za-z0-9_]*\")\s+FOR\s+SYSTEM_TIME\s+AS\s+OF\s+"
-    r"(?P<point>[0-9]+|TIMESTAMP(?:TZ)?\s*'[^']*'|'[^']*')(?![\w.'+*/-])"
-    r"(?P<after>\s+(?P<next>[A-Za-z_]+))?|"
-    # String literals, quoted names and comments: skipped whole.
-    r"(?P<skip>'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/)",
+    r"(?P<point>[0-9]+|TIMESTAMP(?:TZ)?\s*'[^']*'|'[^']*')"
+    # Not part of an expression (2+3, 5.5, 2 || 'x', 2 AT TIME ZONE ...): those are refused below.
+    r"(?![\w.'$]|\s*(?:[+*/%|&^<>=!~(\[]|-(?!-)|::|AT\s|COLLATE\s))"
+    r"(?P<after>\s+(?P<next>[A-Za-z_]+))?|" + _SKIP,
     re.IGNORECASE | re.DOTALL,
 )
-_SYSTEM_TIME = re.compile(
-    r"(?P<skip>'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/)|\bFOR\s+SYSTEM_TIME\b",
-    re.IGNORECASE | re.DOTALL,
-)
+_SYSTEM_TIME = re.compile(_SKIP + r"|\bFOR\s+SYSTEM_TIME\b", re.IGNORECASE | re.DOTALL)
 TIME_TRAVEL_SYNTAX = "relation FOR SYSTEM_TIME AS OF <tx number | TIMESTAMP '...' | '...'>"
 
 
@@ -138,11 +141,11 @@ def rewrite_time_travel(query: str, resolve: Callable[[TimePoint], int]) -> tupl
         else:
             tx = resolve(point.split("'")[1])
         txs.add(tx)
-        name = m.group("rel").strip('"')
-        out = f"{name}{suffix_for(tx)}"
+        rel = m.group("rel")  # kept as written for the alias: "group" stays quoted
+        out = rel.strip('"') + suffix_for(tx)
         nxt = m.group("next")
         if nxt is None or nxt.lower() in _NOT_ALIASES:
-            out += f" AS {name}"
+            out += f" AS {rel}"
         return out + (m.group("after") or "")
 
     rewritten = _TIME_TRAVEL.sub(replace_clause, query)
@@ -382,10 +385,15 @@ def parse(cur: duckdb.DuckDBPyConnection, query: str) -> dict[str, Any] | None:
     return statement
 
 
+# Table functions that run SQL given as text, or act on the database file.
+_RUNS_SQL = frozenset({"query", "query_table", "json_execute_serialized_sql", "checkpoint",
+                       "force_checkpoint"})
+
+
 def _reaches_catalog(function: str) -> bool:
     """Functions that read tables by name (query_table('tail_records')) or describe the catalog
     (duckdb_tables(), pragma_table_info(...)): around the relations, so refused."""
-    return function in ("query", "query_table") or function.startswith(("duckdb_", "pragma_"))
+    return function in _RUNS_SQL or function.startswith(("duckdb_", "pragma_"))
 
 
 def check_relations(statement: Mapping[str, Any] | None, query: str, allowed: set[str]) -> None:
@@ -419,15 +427,34 @@ def _tables(tree: object, ctes: frozenset[str]) -> set[str]:
             found |= _tables(item, ctes)
     elif isinstance(tree, dict):
         defined = (tree.get("cte_map") or {}).get("map") or []
-        if defined:
-            ctes = ctes | {str(c["key"]).lower() for c in defined}
+        # A CTE's body sees the CTEs before it, and itself only when it is recursive: in
+        # `WITH offsets AS (SELECT * FROM offsets)` the inner `offsets` is the catalog's table.
+        outer = ctes
+        for cte in defined:
+            name = str(cte["key"]).lower()
+            recursive = _names_recursive(cte.get("value"), name)
+            found |= _tables(cte.get("value"), outer | {name} if recursive else outer)
+            outer = outer | {name}
+        ctes = outer
         if tree.get("type") in ("BASE_TABLE", "SHOW_REF") and tree.get("table_name"):
             name = str(tree["table_name"]).lower()
             if name not in ctes:
                 found.add(name)
-        for value in tree.values():
-            found |= _tables(value, ctes)
+        for key, value in tree.items():
+            if key != "cte_map":
+                found |= _tables(value, ctes)
     return found
+
+
+def _names_recursive(tree: object, name: str) -> bool:
+    """Whether a CTE body is the recursive CTE `name` (DuckDB's RECURSIVE_CTE_NODE)."""
+    if isinstance(tree, list):
+        return any(_names_recursive(item, name) for item in tree)
+    if isinstance(tree, dict):
+        if str(tree.get("cte_name", "")).lower() == name:
+            return True
+        return any(_names_recursive(v, name) for v in tree.values())
+    return False
 
 
 def _functions(tree: object) -> set[str]:

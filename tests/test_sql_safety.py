@@ -48,8 +48,10 @@ def test_no_file_access_beyond_the_ledger(lg: Ledger, query: str) -> None:
     "SELECT l.tx FROM log l JOIN record_ids r ON l.id = r.id", "SELECT * FROM segments",
     "SELECT (SELECT count(*) FROM tail_index) FROM log", "SUMMARIZE tail_records",
     "EXPLAIN ANALYZE SELECT * FROM offsets",
-    # A CTE of that name covers its own scope only.
+    # A CTE of that name covers its own scope only, and not its own body unless recursive.
     "SELECT (WITH tail_records AS (SELECT 1) SELECT 1) AS x, * FROM tail_records",
+    "WITH ledger_meta AS (SELECT * FROM ledger_meta) SELECT * FROM ledger_meta",
+    "WITH a AS (SELECT * FROM b), b AS (SELECT * FROM tail_records) SELECT * FROM a",
 ])
 def test_the_catalogs_own_tables_are_not_readable(lg: Ledger, query: str) -> None:
     # They hold rows newer than any as-of point, and offsets that are not the reader's business.
@@ -62,6 +64,8 @@ def test_the_catalogs_own_tables_are_not_readable(lg: Ledger, query: str) -> Non
     "SELECT count(*) FROM log WHERE tx IN (SELECT tx FROM query_table('tail_transactions'))",
     "SELECT * FROM duckdb_tables()", "SELECT path FROM duckdb_databases()",
     "SELECT * FROM pragma_table_info('tail_records')", "SELECT * FROM Query_Table('record_ids')",
+    "SELECT * FROM json_execute_serialized_sql(json_serialize_sql('SELECT * FROM tail_records'))",
+    "SELECT * FROM checkpoint()",
 ])
 def test_functions_that_reach_the_catalog_are_refused(lg: Ledger, query: str) -> None:
     with pytest.raises(InvalidQuery, match=r"function \w+\(\) is not available"):
@@ -76,6 +80,25 @@ def test_a_view_may_not_take_an_sql_keyword_as_its_name(lg: Ledger, name: str) -
         views.define_view(lg, name, "SELECT 1 AS x")
     rows = lg.sql("SELECT kind, count(*) AS n FROM log GROUP BY ALL UNION ALL SELECT 'none', 0 ORDER BY ALL")
     assert rows.to_pylist() == [{"kind": "event", "n": 8}, {"kind": "none", "n": 0}]
+
+
+def test_recursive_ctes_see_themselves(lg: Ledger) -> None:
+    query = ("WITH RECURSIVE offsets(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM offsets WHERE n < 3), "
+             "later AS (SELECT n FROM offsets) SELECT sum(n) AS s FROM later")
+    assert lg.sql(query).to_pylist() == [{"s": 6}]
+
+
+def test_a_view_recorded_under_a_keyword_name_breaks_nothing(lg: Ledger) -> None:
+    # Earlier versions let a view be named `group`: its definition stays in the log for ever.
+    lg.append([{"kind": "event", "action": views.DEFINED,
+                "data": {"name": "group", "sql": "SELECT 7 AS x", "description": ""}}])
+    defined = lg.head.tx
+    lg.append([{"kind": "event", "action": "x", "data": {"id": "e9", "n": 9}}])
+    counts = lg.sql("SELECT kind, count(*) AS n FROM log GROUP BY kind ORDER BY kind").to_pylist()
+    assert counts == [{"kind": "event", "n": 10}]
+    assert lg.sql('SELECT x FROM "group"').to_pylist() == [{"x": 7}]
+    assert lg.sql(f'SELECT x FROM "group" FOR SYSTEM_TIME AS OF {defined}').to_pylist() == [{"x": 7}]
+    assert views.rows(lg, "group").to_pylist() == [{"x": 7}]
 
 
 def test_a_cte_may_take_a_catalog_tables_name(lg: Ledger) -> None:

@@ -66,7 +66,7 @@ def test_quoted_names_and_timestamptz_literals_travel_too(lg: Ledger) -> None:
     assert rows == [{"n": 2, "m": 3}]
 
 
-@pytest.mark.parametrize("point", ["2+3", "5.5", "$1", "(SELECT 2)", "now()"])
+@pytest.mark.parametrize("point", ["2+3", "5.5", "$1", "(SELECT 2)", "now()", "2 + 1", "2 || 'x'", "2 - 1"])
 def test_a_point_that_is_not_a_literal_says_how_to_write_it(lg: Ledger, point: str) -> None:
     with pytest.raises(InvalidQuery, match="FOR SYSTEM_TIME is written"):
         lg.sql(f"SELECT * FROM log FOR SYSTEM_TIME AS OF {point}", params=[1] if "$" in point else None)
@@ -85,3 +85,9 @@ def test_a_view_may_not_travel_but_a_query_may_pin_a_view(lg: Ledger) -> None:
     lg.append([{"kind": "event", "action": "balance-set", "data": {"id": "acct-9", "balance": 9}}])
     assert lg.sql(f"SELECT n FROM counted FOR SYSTEM_TIME AS OF {defined}").to_pylist() == [{"n": 8}]
     assert lg.sql("SELECT n FROM counted").to_pylist() == [{"n": 9}]
+
+
+def test_comments_and_dollar_strings_around_the_clause(lg: Ledger) -> None:
+    rows = lg.sql("SELECT $$ log FOR SYSTEM_TIME AS OF 1 $$ AS s, count(*) AS n "
+                  "FROM log FOR SYSTEM_TIME AS OF 2-- two\n").to_pylist()
+    assert rows == [{"s": " log FOR SYSTEM_TIME AS OF 1 ", "n": 2}]
