@@ -60,6 +60,12 @@ def parse_command(body: bytes) -> dict[str, Any]:
     for name in ("user", "system"):
         if env.get(name) is not None and not isinstance(env[name], str):
             raise bad_request(f"'{name}' must be a string", field=name)
+    for name in ("user", "system"):  # (they travel as headers: name them as the client did)
+        try:
+            if isinstance(env.get(name), str):
+                env[name].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise bad_request(f"'{name}' has a lone surrogate, which is not UTF-8", field=name) from e
     if nests_deeper(env["data"], MAX_JSON_DEPTH - 1):  # the envelope is one more level
         raise bad_request(f"'data' nests deeper than {MAX_JSON_DEPTH - 1} levels", field="data")
     try:

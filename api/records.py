@@ -54,7 +54,7 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
 
 def parse_position(text: str, what: str) -> tuple[int, int]:
     """A Last-Event-ID ("tx.seq") or an after_tx ("tx") as a (tx, seq) position to resume after."""
-    if not (m := re.fullmatch(r"([0-9]+)(?:\.([0-9]+))?", text)):
+    if not (m := re.fullmatch(r"([0-9]{1,18})(?:\.([0-9]{1,9}))?", text)):
         raise bad_request(f"{what} {text!r} must be 'TX' or 'TX.SEQ'", field=what)
     return int(m[1]), 2**31 if m[2] is None else int(m[2])
 
@@ -64,6 +64,8 @@ def time_param(text: str | None, what: str) -> int | datetime | None:
     if text is None or text == "":
         return None
     if text.isascii() and text.isdigit():
+        if len(text) > 18:
+            raise bad_request(f"{what}: tx {text[:24]}... is out of range", field=what, kind="invalid-time")
         return int(text)
     return instant_param(text, what)
 

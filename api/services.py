@@ -84,6 +84,7 @@ class Services:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
         self._produced: dict[tuple[str, int], int] = {}
+        self._broker_check: tuple[float, asyncio.Future[bool]] | None = None  # (asked at, answer)
 
     async def start(self) -> None:
         s = self.settings
@@ -263,13 +264,20 @@ class Services:
         return any((p["lag"] or 0) > 0 for p in parts)
 
     async def _broker_answers(self) -> bool:
-        """Whether the broker answers a metadata request now (the producer's cached metadata
-        outlives a dead broker)."""
+        """Whether the broker answered a metadata request within the last second (the producer's
+        cached metadata outlives a dead broker); probes in that second share the answer."""
         if self.producer is None:
             return False
+        now = time.monotonic()
+        if self._broker_check is None or now - self._broker_check[0] > 1.0:
+            self._broker_check = (now, asyncio.ensure_future(self._ask_broker(self.producer)))
+        return await asyncio.shield(self._broker_check[1])
+
+    @staticmethod
+    async def _ask_broker(producer: AIOKafkaProducer) -> bool:
         try:
             async with asyncio.timeout(2.0):
-                await self.producer.client.fetch_all_metadata()
+                await producer.client.fetch_all_metadata()
         except (KafkaError, TimeoutError, OSError):
             return False
         return True

@@ -88,7 +88,8 @@ async def ws_updates(
         extra = e.extra if isinstance(e.extra, dict) else {}
         await socket.send_json({"type": e.type_, "title": e.title, "status": e.status_code,
                                 "detail": e.detail, **extra})
-        await socket.close(code=1008, reason=e.detail[:120])
+        # A close reason is at most 123 bytes of UTF-8 (the detail echoes the client's value).
+        await socket.close(code=1008, reason=e.detail.encode()[:123].decode(errors="ignore"))
         return
     await socket.accept()
     try:

@@ -453,16 +453,16 @@ def run_serve(args: argparse.Namespace) -> int:
     # exit code 1, not an ASGI lifespan traceback.
     settings.ledger = Ledger.open(settings.data_dir)
     broker = None
-    if not settings.bootstrap:
-        # The embedded default. Started here, in the main thread, so the kernel stops the broker
-        # even if this process is killed outright.
-        from ledger.broker import Broker, create_topics
-
-        broker = Broker().start()
-        create_topics(broker.bootstrap, {settings.commands_topic: settings.partitions,
-                                         settings.events_topic: settings.partitions})
-        settings.bootstrap, settings.embedded_broker = broker.bootstrap, True
     try:
+        if not settings.bootstrap:
+            # The embedded default. Started here, in the main thread, so the kernel stops the
+            # broker even if this process is killed outright.
+            from ledger.broker import Broker, create_topics
+
+            broker = Broker().start()
+            create_topics(broker.bootstrap, {settings.commands_topic: settings.partitions,
+                                             settings.events_topic: settings.partitions})
+            settings.bootstrap, settings.embedded_broker = broker.bootstrap, True
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
                     access_log=setting(None, "LEDGER_ACCESS_LOG", "0") == "1", timeout_graceful_shutdown=10)
     finally:

@@ -160,7 +160,7 @@ def test_cursor_pagination_is_stable_while_records_arrive(server: Server) -> Non
         (b'{"action": "\\ud800", "data": {}}', "action"),  # a lone surrogate
         (b'{"action": "x", "data": {"\\udfff": 1}}', "data"),
         (b'{"action": "x", "data": {"n": "\\ud800"}}', "data"),
-        (b'{"action": "x", "data": {}, "user": "\\ud800"}', "headers"),
+        (b'{"action": "x", "data": {}, "user": "\\ud800"}', "user"),
         (b'{"action": "x", "data": {"n": 1e400}}', None),  # not stored as null
         (b'{"action": "x", "data": {"n": NaN}}', None),
         (b'{"action": "x", "data": {"n": -Infinity}}', None),
@@ -200,6 +200,10 @@ def test_schema_violations_are_422_with_json_pointers(server: Server) -> None:
     for schema in ({"$ref": "http://example.com/x.json"}, {"properties": {"a": {"$ref": "other.json#"}}},
                    {"$ref": "#"}):
         assert_problem(httpx.put(server.url + "/schemas/bad", json=schema), 400, field="schema")
+    own = {"$defs": {"a": {"$id": "a.json", "type": "integer"}}, "properties": {"n": {"$ref": "a.json"}},
+           "examples": [{"$ref": "http://example.com/not-a-schema"}]}  # its own $id; examples are data
+    assert httpx.put(server.url + "/schemas/own-ids", json=own).status_code == 200
+    assert post_command(server, {"action": "own-ids", "data": {"n": "x"}}).status_code == 422
     # A loop only some data reaches: a problem naming the schema, not a crash (and not the client's fault).
     loop = {"properties": {"a": {"$ref": "#/properties/a"}}}
     assert httpx.put(server.url + "/schemas/loops", json=loop).status_code == 200
@@ -240,7 +244,8 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
                          ("/events", {"as_of": "1e3"}), ("/tx", {"since": "x"}),
                          ("/views/nope/changes", {"from": "abc"}),
                          ("/views/nope/changes", {"from": "1", "to": "z"}),
-                         ("/updates", {"after_tx": "\uff13"})]:
+                         ("/updates", {"after_tx": "\uff13"}), ("/updates", {"after_tx": "9" * 5000}),
+                         ("/events", {"as_of": "9" * 5000})]:
         field = next(iter(params)) if len(params) == 1 else "to"
         detail = assert_problem(httpx.get(server.url + path, params=params), 400, field=field)["detail"]
         assert field in detail, (path, params, detail)
@@ -334,7 +339,7 @@ def test_sse_and_websocket_deliver_every_record_once_in_order_across_reconnects(
         assert json.loads(ws.recv(timeout=10))["data"]["i"] == 33
     with ws_connect(ws_url, additional_headers={"Last-Event-ID": resume}) as ws:  # the header resumes too
         assert json.loads(ws.recv(timeout=10))["data"]["i"] == 10
-    with ws_connect(ws_url + "&after_tx=soon") as ws:  # a bad position: one problem frame, then 1008
+    with ws_connect(ws_url + "&after_tx=" + "\u00e9" * 80) as ws:  # a bad position: a problem, then 1008
         problem = json.loads(ws.recv(timeout=10))
         assert problem["status"] == 400 and problem["field"] == "after_tx", problem
         with pytest.raises(ConnectionClosed) as closed:
