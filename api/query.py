@@ -110,10 +110,12 @@ class QueryController(Controller):
              "valid_time": d.valid_time.isoformat(), "record_id": d.record_id} for d in datoms
         ]}
 
-    @get("/tx/{t:int}")
-    async def transaction(self, services: Services, t: int) -> dict[str, Any]:
-        """One transaction: metadata, hash and records."""
-        txs = await asyncio.to_thread(services.ledger.tx_range, t, t + 1)
+    @get("/tx/{t:str}")
+    async def transaction(self, services: Services, t: str) -> dict[str, Any]:
+        """One transaction (a tx number): metadata, hash and records."""
+        if not (t.isascii() and t.isdigit() and len(t) <= 18):
+            raise not_found(f"tx {t!r}")
+        txs = await asyncio.to_thread(services.ledger.tx_range, int(t), int(t) + 1)
         if not txs:
             raise not_found(f"tx {t}")
         return _tx_json(txs[0])

@@ -224,6 +224,8 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
     assert bad_limit["field"] == "limit" and bad_limit["errors"][0]["key"] == "limit"
     assert_problem(httpx.get(server.url + "/commands/0190a5a0-0000-7000-8000-000000000001"), 404)
     assert_problem(httpx.get(server.url + "/events/nope"), 404)
+    for t in ("\uff13", "-1", "x", "9" * 30):  # a full-width 3 is not tx 3
+        assert_problem(httpx.get(f"{server.url}/tx/{t}"), 404)
     assert_problem(httpx.get(server.url + "/no-such-route"), 404)
     assert_problem(httpx.get(server.url + "/commands", params={"cursor": "!!"}), 400, field="cursor")
     assert_problem(httpx.get(server.url + "/commands", params={"limit": 0}), 400, field="limit")
