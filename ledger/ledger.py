@@ -77,6 +77,21 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
 
+def index_attrs(
+    rules: Rules, held: set[str], action: str, data: dict[str, Any], text: str,
+) -> tuple[dict[str, Any], str]:
+    """The attrs (and their JSON text) the writer indexes for one event of an entity holding
+    `held` (updated): the record's own data and text, or for a deletion a null per held attribute."""
+    if rules.is_deletion(action):
+        attrs: dict[str, Any] = dict.fromkeys(sorted(held))
+        text = dumps(attrs)
+    else:
+        attrs = data
+    for a, v in datoms.attributes(attrs, rules.entity_key):
+        (held.discard if v is None else held.add)(a)
+    return attrs, text
+
+
 def _micros(t: datetime) -> int:
     return (t - _EPOCH) // _US
 OffsetKey = tuple[str, str, int]  # (consumer, topic, partition)
@@ -709,22 +724,32 @@ class Ledger:
             through = 0
         if through == head:
             return
+        rules, key = self.rules, self.rules.entity_key
+        held: dict[str, set[str]] = {}  # entity -> attributes it holds, as the rows are derived
         with self.snapshot() as (cur, files):
-            sources = []
-            if files["datoms"]:
-                paths = ", ".join(quote(f) for f in files["datoms"])
-                sources.append(
-                    "SELECT e, tx, seq, epoch_us(any_value(valid_time)), epoch_us(any_value(tx_time)), "
-                    "any_value(record_id), CAST(json_group_object(a, v) AS VARCHAR) "
-                    f"FROM read_parquet([{paths}]) WHERE tx > {through} GROUP BY e, tx, seq"
+            if files["records"]:  # sealed: derived from the records, exactly as the writer did
+                paths = ", ".join(quote(f) for f in files["records"])
+                result = cur.execute(
+                    "SELECT tx, seq, id, action, data, epoch_us(valid_time), epoch_us(tx_time) "
+                    f"FROM read_parquet([{paths}]) WHERE tx > {through} AND kind = 'event' ORDER BY tx, seq"
                 )
-            sources.append(
+                while batch := result.fetchmany(100_000):
+                    rows = []
+                    for tx, seq, rid, action, text, vus, tus in batch:
+                        data = loads(text)
+                        if (e := rules.entity_of(data)) is None:
+                            continue
+                        if e not in held:  # what its rows up to `through` left it holding
+                            held[e] = datoms.current((loads(r[5]) for r in index.rows(e)), key)
+                        _, attrs = index_attrs(rules, held[e], action, data, text)
+                        rows.append((e, tx, seq, vus, tus, rid, attrs))
+                    index.add(rows, through)  # `through` moves only once every row is in
+            tail = cur.execute(
                 "SELECT e, tx, seq, epoch_us(valid_time), epoch_us(tx_time), CAST(record_id AS VARCHAR), "
                 f"attrs FROM tail_index WHERE tx > {through}"
             )
-            result = cur.execute(" UNION ALL ".join(sources))
-            while batch := result.fetchmany(100_000):
-                index.add(batch, through)  # `through` moves only once every row is in
+            while batch := tail.fetchmany(100_000):
+                index.add(batch, through)
         index.add((), head)
 
     def _tail_count(self) -> int:
@@ -1039,15 +1064,8 @@ class _ChainCheck:
         for seq, rid, kind, action, data, text, valid_us in recs:
             if kind != "event" or (e := rules.entity_of(data)) is None:
                 continue
-            held = self.held.setdefault(e, set())
-            if rules.is_deletion(action):
-                attrs = dict.fromkeys(sorted(held))
-                text = dumps(attrs)
-            else:
-                attrs = data  # and the writer indexes the record's own JSON text
+            attrs, text = index_attrs(rules, self.held.setdefault(e, set()), action, data, text)
             found = dict(datoms.attributes(attrs, key))
-            for a, v in found.items():
-                (held.discard if v is None else held.add)(a)
             index.append((e, seq, valid_us, tx_us, rid, text))
             if found:  # an event with no attribute has no datoms
                 out[seq] = (e, rid, found)
