@@ -153,9 +153,25 @@ def message_digest(msg: ConsumerRecord[bytes, bytes]) -> str:
     return h.hexdigest()
 
 
+def _headers(msg: ConsumerRecord[bytes, bytes]) -> tuple[tuple[str, str], ...]:
+    """Header values as text (bytes that are not UTF-8 as \\x escapes; a null value as "")."""
+    return tuple(
+        (k, "" if v is None else v.decode("utf-8", "backslashreplace")) for k, v in msg.headers or ()
+    )
+
+
+def _broker_time(msg: ConsumerRecord[bytes, bytes]) -> datetime | None:
+    """The broker timestamp, None when absent or outside the years 1-9999 (a datetime cannot hold it)."""
+    if msg.timestamp is None or msg.timestamp < 0:
+        return None
+    try:
+        return datetime.fromtimestamp(msg.timestamp / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 def _rejected(msg: ConsumerRecord[bytes, bytes], reason: str) -> Quarantined:
-    headers = tuple((k, v.decode("utf-8", "backslashreplace")) for k, v in msg.headers or ())
-    broker_time = datetime.fromtimestamp(msg.timestamp / 1000, UTC) if msg.timestamp >= 0 else None
+    headers, broker_time = _headers(msg), _broker_time(msg)
     return Quarantined(
         reason=reason, value=msg.value, key=msg.key, topic=msg.topic, partition=msg.partition,
         offset=msg.offset, headers=headers, kafka_timestamp=broker_time,
@@ -170,8 +186,7 @@ def decode(
 
     `check=False` skips the record validation that Ledger.append() repeats anyway (the envelope
     checks still run); the caller must then quarantine what append() refuses (see Consumer)."""
-    headers = tuple((k, v.decode("utf-8", "backslashreplace")) for k, v in msg.headers or ())
-    broker_time = datetime.fromtimestamp(msg.timestamp / 1000, UTC) if msg.timestamp >= 0 else None
+    headers, broker_time = _headers(msg), _broker_time(msg)
 
     def reject(reason: str) -> Quarantined:
         return _rejected(msg, reason)
@@ -210,8 +225,10 @@ def decode(
     extra = [(name, str(env[name])) for name in ("user", "system") if env.get(name) is not None]
     record = {
         "id": rid, "kind": rec_kind, "action": action, "data": env["data"],
-        "parent": env.get("parent"), "timestamp": env.get("timestamp") or broker_time,
-        "key": None if msg.key is None else msg.key.decode("utf-8", "backslashreplace"),
+        "parent": env.get("parent"),
+        # Only an absent timestamp defaults to the broker's: "" or 0 is bad input (quarantined).
+        "timestamp": broker_time if env.get("timestamp") is None else env["timestamp"],
+        "key": msg.key.decode("utf-8", "backslashreplace") if msg.key else None,  # b"": no key
         "headers": headers + tuple(extra), "topic": msg.topic, "partition": msg.partition,
         "offset": msg.offset, "kafka_timestamp": broker_time,
     }

@@ -101,6 +101,9 @@ BAD = {
     "invalid id": (env(id="not-a-uuid"), "field 'id': 'not-a-uuid' is not a UUID"),
     "id not a string": (env(id=12), "field 'id': must be a UUID"),
     "naive timestamp": (env(timestamp="2024-01-01T00:00:00"), "field 'timestamp':"),
+    # Only an absent timestamp takes the broker's: these were stored with it, silently.
+    "empty timestamp": (env(timestamp=""), "field 'timestamp':"),
+    "timestamp 0": (env(timestamp=0), "field 'timestamp':"),
     "NaN in data": (b'{"action": "deposit", "data": {"n": NaN}}', "field 'data': data.n is nan"),
     "lone surrogate": (b'{"action": "deposit", "data": {"n": "\\ud800"}}', "field 'data':"),
     # Deeper than Python's recursion limit: json.loads raised RecursionError, which stopped the
@@ -297,6 +300,32 @@ async def test_broker_restart_while_consuming_with_more_new_records_than_the_old
         await eventually(lambda: count(ledger) >= 70, 30, "the new generation")
         await asyncio.sleep(0.5)
     assert generations(ledger, topic) == {"before": list(range(20)), "after": list(range(50))}
+    assert ledger.verify().ok
+
+
+async def test_odd_but_valid_kafka_messages_do_not_stop_ingestion(broker: Broker, ledger: Ledger) -> None:
+    """A null header value, a broker time past the year 9999 and an empty key each stopped the
+    consumer for ever (it died on the same message after every restart), or quarantined it."""
+    topic = "odd"
+    await create_topics_async(broker.bootstrap, {topic: 1})
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, env(data={"n": 1}), key=b"k", headers=[("h", None)])
+        await producer.send_and_wait(topic, env(data={"n": 2}), key=b"k", timestamp_ms=253402300800000)
+        await producer.send_and_wait(topic, env(data={"n": 3}), key=b"")
+    finally:
+        await producer.stop()
+    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="odd", topics=(topic,), kafka_options=FAST)
+    async with running(consumer):
+        await eventually(lambda: count(ledger) == 3, 30, "the three records")
+    rows = ledger.sql("SELECT data->>'n' AS n, headers, key, kafka_timestamp FROM log ORDER BY kafka_offset"
+                      ).to_pylist()
+    assert [r["n"] for r in rows] == ["1", "2", "3"]
+    assert json.loads(rows[0]["headers"]) == [["h", ""]]
+    assert rows[1]["kafka_timestamp"] is None  # beyond what a timestamp can hold
+    assert rows[2]["key"] is None
+    assert ledger.sql("SELECT count(*) AS n FROM quarantine").to_pylist() == [{"n": 0}]
     assert ledger.verify().ok
 
 
