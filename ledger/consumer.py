@@ -29,7 +29,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from ledger.errors import InvalidRecord, LedgerError
 from ledger.fetching import FetchWait, unless_stopped
-from ledger.records import OffsetMark, Quarantined, validate
+from ledger.records import MAX_DEPTH, OffsetMark, Quarantined, validate
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -52,7 +52,7 @@ _FIXED_OPTIONS = frozenset({"group_id", "enable_auto_commit", "auto_offset_reset
 # The grace covers a new Kafka leader whose highwater briefly lags behind the old one's: a false
 # "replaced" would re-ingest the whole partition as a new generation.
 LOG_END_GRACE_S = 3.0
-MAX_JSON_DEPTH = 128  # containers in a value; deeper ones are quarantined (see decode)
+MAX_JSON_DEPTH = MAX_DEPTH + 1  # containers in a value; deeper ones are quarantined (see decode)
 MAX_VALUE_BYTES = 1 << 20  # larger values are quarantined (the default of Consumer's max_value_bytes)
 _REFUSALS_BEFORE_CHECKING_ALL = 3  # see Consumer._append
 

@@ -12,6 +12,7 @@ import re
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -58,7 +59,7 @@ from ledger.storage.catalog import (
 from ledger.temporal import DEFAULT_TIMEOUT, Database, Pin, TimePoint, check_time_point
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 DB_FILE = "ledger.duckdb"
@@ -531,6 +532,10 @@ class Ledger:
         record) and `offsets` ({(consumer, topic, partition): OffsetMark}) commit in the same
         transaction, which is what makes Kafka ingestion exactly-once.
         """
+        if records is None or isinstance(records, (str, bytes, Mapping)):
+            raise LedgerError(f"records must be a list of mappings, got {type(records).__name__}")
+        if meta is not None and not isinstance(meta, Mapping):
+            raise LedgerError(f"meta must be a JSON object, got {type(meta).__name__}")
         checked = [validate(i, r) for i, r in enumerate(records)]
         meta_obj = dict(meta or {})
         try:

@@ -200,7 +200,14 @@ def loads(text: str | bytes) -> Any:
     return _decode(text)
 
 
-def check_json(value: object, path: str) -> None:
+MAX_DEPTH = 127  # containers nested in a record's data (its Kafka envelope makes 128)
+
+
+def check_json(value: object, path: str, depth: int = 1) -> None:
+    """Refuse what JSON cannot hold (NaN, lone surrogates, non-string keys, other types) and
+    containers nested deeper than MAX_DEPTH (hashing, reads and verify recurse per level)."""
+    if isinstance(value, (Mapping, list, tuple)) and depth > MAX_DEPTH:
+        raise ValueError(f"{path} nests deeper than {MAX_DEPTH} levels")
     if value is None or isinstance(value, (bool, int)):
         return
     if isinstance(value, str):
@@ -214,11 +221,11 @@ def check_json(value: object, path: str) -> None:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ValueError(f"{path} has a non-string key {k!r}")
-            check_json(v, f"{path}.{_text(k, f'{path} key')}")
+            check_json(v, f"{path}.{_text(k, f'{path} key')}", depth + 1)
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            check_json(v, f"{path}[{i}]")
+            check_json(v, f"{path}[{i}]", depth + 1)
         return
     raise ValueError(f"{path} is a {type(value).__name__}, which is not a JSON value")
 
@@ -234,7 +241,7 @@ def _check_data(data: Mapping[str, object]) -> str:
         if type(k) is not str:
             raise ValueError(f"data has a non-string key {k!r}")
         if type(v) not in _PLAIN:
-            check_json(v, f"data.{k}")
+            check_json(v, f"data.{k}", 2)
     try:
         return dumps(data)
     except ValueError:
@@ -285,12 +292,12 @@ def _optional_str(rec: Mapping[str, object], name: str) -> str | None:
     return _text(value, name)
 
 
-def _optional_int(rec: Mapping[str, object], name: str) -> int | None:
+def _optional_int(rec: Mapping[str, object], name: str, bits: int) -> int | None:
     value = rec.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << bits:
+        raise ValueError(f"must be an integer from 0 to 2**{bits} - 1")
     return value
 
 
@@ -339,9 +346,9 @@ def validate(index: int, rec: object) -> NewRecord:
             name = "topic"
             topic = _optional_str(rec, "topic")
             name = "partition"
-            partition = _optional_int(rec, "partition")
+            partition = _optional_int(rec, "partition", 31)
             name = "offset"
-            offset = _optional_int(rec, "offset")
+            offset = _optional_int(rec, "offset", 63)
     except (ValueError, InvalidTime) as e:
         raise InvalidRecord(index, name, str(e)) from e
     return NewRecord(

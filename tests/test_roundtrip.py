@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ledger import InvalidRecord, Ledger
+from ledger import InvalidRecord, Ledger, LedgerError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -171,6 +171,15 @@ def test_aware_timestamps_come_back_as_the_same_instant_in_utc(tmp_path: Path) -
 
 
 VALID = {"kind": "command", "action": "ok", "data": {"n": 1}}
+
+
+def nested(depth: int) -> list[Any]:
+    """A list nested `depth` levels deep."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
 INVALID = [
     ({"kind": "event", "action": "x", "data": {"v": math.nan}}, "data"),
     ({"kind": "event", "action": "x", "data": {"deep": [{"v": -math.inf}]}}, "data"),
@@ -192,7 +201,22 @@ INVALID = [
       "timestamp": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))}, "timestamp"),
     ({"kind": "event", "action": "x", "data": {}, "kafka_timestamp": "9999-12-31T23:00:00-05:00"},
      "kafka_timestamp"),
+    # Deeper than the Kafka path accepts: verify recursed per level and broke from 499 on.
+    ({"kind": "event", "action": "x", "data": {"a": nested(127)}}, "data"),
+    ({"kind": "event", "action": "x", "data": {"a": nested(3000)}}, "data"),
+    ({"kind": "event", "action": "x", "data": {}, "partition": 1 << 31}, "partition"),
+    ({"kind": "event", "action": "x", "data": {}, "offset": 1 << 63}, "offset"),
 ]
+
+
+def test_data_may_nest_127_levels_and_records_and_meta_must_have_their_types(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "ledger") as lg:
+        lg.append([{"kind": "event", "action": "x", "data": {"a": nested(126)}}])
+        for records, meta in ((None, None), ({"kind": "event"}, None), ("abc", None), ([VALID], [1, 2]),
+                              ([VALID], "ab")):
+            with pytest.raises(LedgerError, match="must be"):
+                lg.append(records, meta)  # type: ignore[arg-type]
+        assert lg.head.tx == 1 and lg.verify().ok
 
 
 def test_invalid_records_are_refused_by_index_and_field_and_nothing_is_written(tmp_path: Path) -> None:
