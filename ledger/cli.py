@@ -303,7 +303,9 @@ def run_info(args: argparse.Namespace) -> int:
 
             logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the error below says it once
             try:
-                info["lag"] = asyncio.run(partition_lag(lg, bootstrap=bootstrap, group=group))
+                # Also the partitions of the consumed topics that no offset was stored for yet.
+                topics = consumed_topics(None)
+                info["lag"] = asyncio.run(partition_lag(lg, bootstrap=bootstrap, group=group, topics=topics))
             except KafkaError as e:
                 raise LedgerError(f"Kafka at {bootstrap} is not reachable for the lag ({e})") from e
     if args.json:
@@ -356,17 +358,24 @@ def add_kafka(parser: argparse.ArgumentParser) -> None:
                         "commands and events topics are known; others: the envelope's kind, else event)")
 
 
+def consumed_topics(given: str | None) -> tuple[str, ...]:
+    """--topics, else LEDGER_TOPICS, else the commands and events topics."""
+    commands = setting(None, "LEDGER_COMMANDS_TOPIC", "commands")
+    events = setting(None, "LEDGER_EVENTS_TOPIC", "events")
+    topics = setting(given, "LEDGER_TOPICS", f"{commands},{events}")
+    return tuple(t.strip() for t in topics.split(",") if t.strip())
+
+
 def kafka_settings(args: argparse.Namespace) -> dict[str, Any]:
     from ledger.consumer import topic_kinds
 
     commands = setting(None, "LEDGER_COMMANDS_TOPIC", "commands")
     events = setting(None, "LEDGER_EVENTS_TOPIC", "events")
-    topics = setting(args.topics, "LEDGER_TOPICS", f"{commands},{events}")
     wait = setting(None, "LEDGER_FETCH_MAX_WAIT_MS", "")
     return {
         "bootstrap": setting(args.bootstrap, "LEDGER_KAFKA_BOOTSTRAP", ""),
         "group": setting(args.group, "LEDGER_KAFKA_GROUP", "ledger"),
-        "topics": tuple(t.strip() for t in topics.split(",") if t.strip()),
+        "topics": consumed_topics(args.topics),
         "pattern": setting(args.pattern, "LEDGER_TOPIC_PATTERN", "") or None,
         "kinds": topic_kinds(commands, events, setting(args.kinds, "LEDGER_KINDS", "")),
         **({"fetch_max_wait_ms": _int_setting("LEDGER_FETCH_MAX_WAIT_MS", wait)} if wait else {}),

@@ -222,7 +222,8 @@ def decode(
     rid = env.get("id")
     if rid is None:
         rid = str(uuid.uuid5(ID_NAMESPACE, f"{msg.topic}/{msg.partition}/{generation}/{msg.offset}"))
-    extra = [(name, str(env[name])) for name in ("user", "system") if env.get(name) is not None]
+    extra = [(name, v if isinstance(v := env[name], str) else json.dumps(v))  # headers are text
+             for name in ("user", "system") if env.get(name) is not None]
     record = {
         "id": rid, "kind": rec_kind, "action": action, "data": env["data"],
         "parent": env.get("parent"),

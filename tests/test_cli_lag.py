@@ -16,20 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 async def test_info_reports_lag_per_partition(broker: Broker, tmp_path: Path) -> None:
-    await create_topics_async(broker.bootstrap, {"cli-lag": 2})
+    await create_topics_async(broker.bootstrap, {"cli-lag": 3})
     await produce(broker.bootstrap, "cli-lag", phase("a", 12), partition=0)
     await produce(broker.bootstrap, "cli-lag", phase("b", 5), partition=1)
+    await produce(broker.bootstrap, "cli-lag", phase("c", 4), partition=2)  # never consumed: all lag
     with Ledger.open(tmp_path / "data") as lg:  # as a consumer would: offsets stored with a tx
         lg.append([], offsets={("cli", "cli-lag", 0): OffsetMark(10), ("cli", "cli-lag", 1): OffsetMark(5)})
     out = subprocess.run(
         [sys.executable, "-m", "ledger", "info", "--json", "--data-dir", str(tmp_path / "data"),
          "--bootstrap", broker.bootstrap, "--group", "cli"],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60,
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO), "LEDGER_TOPICS": "cli-lag"},
     )
     assert out.returncode == 0, out.stderr
     lag = json.loads(out.stdout)["lag"]
     assert [(r["partition"], r["next_offset"], r["highwater"], r["lag"]) for r in lag] == [
-        (0, 10, 12, 2), (1, 5, 5, 0)]
+        (0, 10, 12, 2), (1, 5, 5, 0), (2, 0, 4, 4)]
 
 
 def test_quarantine_lists_raw_input_with_reason_and_provenance(tmp_path: Path) -> None:
@@ -41,7 +43,8 @@ def test_quarantine_lists_raw_input_with_reason_and_provenance(tmp_path: Path) -
     out = subprocess.run(
         [sys.executable, "-m", "ledger", "quarantine", "--format", "json",
          "--data-dir", str(tmp_path / "data")],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60,
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO), "LEDGER_TOPICS": "cli-lag"},
     )
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout)
