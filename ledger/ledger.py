@@ -212,6 +212,8 @@ class Ledger:
         root = Path(path).resolve()  # segment paths handed to DuckDB must not depend on the cwd
         if seal_every < 1:
             raise LedgerError(f"seal_every must be at least 1, got {seal_every}")
+        if root.exists() and not root.is_dir():
+            raise LedgerError(f"{root} is a file, not a ledger's data directory")
         if read_only:
             return cls._open_snapshot(root, seal_every)
         root.mkdir(parents=True, exist_ok=True)

@@ -271,6 +271,13 @@ class Database:
         """
         from ledger import views  # views build on this module
 
+        if not isinstance(query, str):
+            raise InvalidQuery(f"a query is SQL text, got {type(query).__name__}")
+        if params is not None and (isinstance(params, (str, bytes))
+                                   or not isinstance(params, (list, tuple, Mapping))):
+            raise InvalidQuery(
+                f"params must be a list ($1, ...) or a mapping ($name), got {type(params).__name__}")
+
         query, past = rewrite_time_travel(query, lambda t: min(self.pin.basis, self._ledger.resolve(t)))
         check_read_only(query)
         pin = self._with_valid(valid_at)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from ledger import InvalidQuery, Ledger, views
+from ledger import InvalidQuery, Ledger, LedgerError, views
 from ledger.errors import InvalidViewName
 
 if TYPE_CHECKING:
@@ -166,3 +166,12 @@ def test_a_view_as_of_an_earlier_tx_runs_under_the_time_limit_too(lg: Ledger) ->
     lg.append([{"kind": "event", "action": "x", "data": {"id": "e9", "n": 9}}])
     with pytest.raises(InvalidQuery, match="interrupted"):
         lg.sql(f"SELECT * FROM slow FOR SYSTEM_TIME AS OF {defined}", timeout=0.3)
+
+
+def test_a_query_and_its_params_must_have_their_types(lg: Ledger, tmp_path: Path) -> None:
+    for query, params in ((None, None), ("SELECT $1 AS x", 5), ("SELECT $1 AS x", "x")):
+        with pytest.raises(InvalidQuery, match="query is SQL text|params must be"):
+            lg.sql(query, params=params)  # type: ignore[arg-type]
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(LedgerError, match="is a file"):
+        Ledger.open(tmp_path / "a-file")
