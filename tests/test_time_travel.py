@@ -91,3 +91,13 @@ def test_comments_and_dollar_strings_around_the_clause(lg: Ledger) -> None:
     rows = lg.sql("SELECT $$ log FOR SYSTEM_TIME AS OF 1 $$ AS s, count(*) AS n "
                   "FROM log FOR SYSTEM_TIME AS OF 2-- two\n").to_pylist()
     assert rows == [{"s": " log FOR SYSTEM_TIME AS OF 1 ", "n": 2}]
+
+
+def test_an_entitys_tx_is_its_last_change_a_retraction_included(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "d") as lg:
+        for data in ({"id": "a", "x": 1}, {"id": "a", "y": 2}, {"id": "a", "y": None}, {"id": "b", "x": 1}):
+            lg.append([{"kind": "event", "action": "set", "data": data}])
+        lg.append([{"kind": "event", "action": "thing-deleted", "data": {"id": "b"}}])
+        rows = lg.sql("SELECT e, state, tx FROM entities ORDER BY e").to_pylist()
+        assert rows == [{"e": "a", "state": '{"x":1}', "tx": 3}]  # b is gone; a's y retracted at 3
+        assert lg.sql("SELECT e, tx FROM entities WHERE e = 'a'").to_pylist() == [{"e": "a", "tx": 3}]
