@@ -437,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ledger.broker", description="Run the bundled Tansu Kafka broker."
     )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The runner's options (also `ledger broker`'s)."""
     parser.add_argument("--storage", default="memory://", help="Tansu storage engine URL")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=None, help="fixed port (default: any free)")
@@ -447,11 +453,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME[:PARTITIONS]",
         help="create this topic at startup (repeatable; default 1 partition)",
     )
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
+    """Run a broker with parsed options until SIGINT/SIGTERM; prints its bootstrap address."""
     topics: dict[str, int] = {}
     for spec in args.topic:
         name, _, count = spec.partition(":")
+        if count and not count.isdigit():
+            print(f"error: --topic {spec!r}: partitions must be a number", file=sys.stderr)
+            return 2
         topics[name] = int(count) if count else 1
 
     stop = threading.Event()

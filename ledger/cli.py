@@ -483,13 +483,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- broker
 def add_broker(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="passed to the broker runner")
+    from ledger import broker
+
+    broker.add_arguments(parser)
 
 
 def run_broker(args: argparse.Namespace) -> int:
     from ledger import broker
 
-    return broker.main(args.args)
+    return broker.run(args)
 
 
 # ---------------------------------------------------------------------------------- views

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -165,3 +170,28 @@ def test_pinned_busy_port_is_reported() -> None:
         with pytest.raises(BrokerError, match="could not bind"):
             Broker(port=holder.port).start()
         assert holder.running
+
+
+async def test_ledger_broker_takes_the_runners_options() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ledger", "broker", "--port", str(port), "--topic", "cli-made:2"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == f"127.0.0.1:{port}"  # printed once it is ready
+        consumer = AIOKafkaConsumer(bootstrap_servers=f"127.0.0.1:{port}")
+        await consumer.start()
+        try:
+            assert "cli-made" in await consumer.topics()
+            assert consumer.partitions_for_topic("cli-made") == {0, 1}
+        finally:
+            await consumer.stop()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
