@@ -370,7 +370,11 @@ class Consumer:
                 async with consumer._lock:  # after the append in flight, if any, has committed
                     consumer._on_assigned(kafka, assigned)  # a quick catalog read; seek must run here
 
-        await kafka.start()
+        try:
+            await kafka.start()
+        except BaseException:
+            await kafka.stop()  # (an unreachable broker: close what start() opened)
+            raise
         self._kafka = kafka
         if self.pattern:
             kafka.subscribe(pattern=self.pattern, listener=Listener())
