@@ -17,7 +17,7 @@ from litestar.plugins.problem_details import ProblemDetailsException
 from api.errors import bad_request, not_found, problem, unavailable
 from api.records import children, decode_cursor, encode_cursor, get_record, list_records
 from api.services import Services  # Litestar reads handler annotations at runtime
-from ledger.consumer import MAX_JSON_DEPTH, MAX_VALUE_BYTES, nests_deeper
+from ledger.consumer import MAX_JSON_DEPTH, MAX_VALUE_BYTES
 from ledger.errors import InvalidRecord
 from ledger.records import uuid7, validate
 
@@ -57,18 +57,16 @@ def parse_command(body: bytes) -> dict[str, Any]:
         raise bad_request("'action' must be a non-empty string", field="action")
     if not isinstance(env.get("data"), dict):
         raise bad_request("'data' must be a JSON object", field="data")
-    for name in ("user", "system"):
-        if env.get(name) is not None and not isinstance(env[name], str):
+    for name in ("user", "system"):  # (they travel as headers: checked here to name them)
+        if (value := env.get(name)) is None:
+            continue
+        if not isinstance(value, str):
             raise bad_request(f"'{name}' must be a string", field=name)
-    for name in ("user", "system"):  # (they travel as headers: name them as the client did)
         try:
-            if isinstance(env.get(name), str):
-                env[name].encode("utf-8")
+            value.encode("utf-8")
         except UnicodeEncodeError as e:
             raise bad_request(f"'{name}' has a lone surrogate, which is not UTF-8", field=name) from e
-    if nests_deeper(env["data"], MAX_JSON_DEPTH - 1):  # the envelope is one more level
-        raise bad_request(f"'data' nests deeper than {MAX_JSON_DEPTH - 1} levels", field="data")
-    try:
+    try:  # the record's own checks, nesting depth included
         validate(0, {"kind": "command", "action": action, "data": env["data"],
                      "headers": [(k, env[k]) for k in ("user", "system") if env.get(k) is not None]})
     except InvalidRecord as e:

@@ -170,10 +170,11 @@ async def export(services: Services, as_of: str | None = None, tables: str | Non
         )
         size = spool.seek(0, os.SEEK_END)
         spool.seek(0)
-    except BaseException as e:
+    except UnknownView as e:
         spool.close()
-        if isinstance(e, UnknownView):
-            raise bad_request(str(e), field="tables") from e
+        raise bad_request(str(e), field="tables") from e
+    except BaseException:
+        spool.close()
         raise
 
     async def chunks() -> AsyncIterator[bytes]:

@@ -130,7 +130,7 @@ class ConsumerStatus:
         }
 
 
-def nests_deeper(value: Any, limit: int) -> bool:
+def _nests_deeper(value: Any, limit: int) -> bool:
     """Whether JSON `value` has containers nested more than `limit` deep (without recursing)."""
     stack = [(value, 1)]
     while stack:
@@ -208,7 +208,7 @@ def decode(
         return reject(f"value nests deeper than {MAX_JSON_DEPTH} levels")
     # Hashing, validation and reads recurse once per level: a deeper value would raise in
     # append() and stop ingestion at this message for ever.
-    if value.count(b"[") + value.count(b"{") > MAX_JSON_DEPTH and nests_deeper(env, MAX_JSON_DEPTH):
+    if value.count(b"[") + value.count(b"{") > MAX_JSON_DEPTH and _nests_deeper(env, MAX_JSON_DEPTH):
         return reject(f"value nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(env, dict):
         return reject(f"value is a JSON {type(env).__name__}, not an object")

@@ -939,8 +939,8 @@ _VERIFY_RECORD_COLUMNS = (
 def _rehash(row: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
     """A stored record row (_VERIFY_RECORD_COLUMNS) -> its recomputed hash, and (seq, id, kind,
     action, data, data text, valid_us) for deriving its datoms."""
-    _tx, seq, rid, kind, action, parent, text, valid_us, key, headers, topic, partition, offset, kafka_us = (
-        row)
+    (_tx, seq, rid, kind, action, parent, text, valid_us, key, headers, topic, partition, offset,
+     kafka_us) = row
     data = loads(text)
     h = chain.record_hash(
         id=rid, kind=kind, action=action, parent=parent, data=data, valid_us=valid_us, key=key,
@@ -1118,7 +1118,7 @@ class _ChainCheck:
         for q in cur.execute(select("quarantine", "tx, seq")).fetchall():
             tx, _seq, reason, value, key, headers, topic, partition, offset, kts, _h = q
             quarantine.setdefault(tx, []).append(chain.quarantine_hash(
-                reason=reason, value=value, key=key, headers=json.loads(headers) if headers else (),
+                reason=reason, value=value, key=key, headers=loads(headers) if headers else (),
                 topic=topic, partition=partition, offset=offset,
                 kafka_us=None if kts is None else _micros(kts),
             ))

@@ -21,7 +21,7 @@ from ledger.records import Datom, loads, to_utc
 from ledger.storage.catalog import TAIL_TABLES, columns, datoms_sql, index_rows_sql, union_sql
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from ledger.ledger import Ledger
 
@@ -124,8 +124,11 @@ _NOT_ALIASES = {
 }
 
 
+_AS_OF = "__as_of_"  # relation{_AS_OF}{tx}: a relation pinned at tx
+
+
 def suffix_for(tx: int) -> str:
-    return f"__as_of_{tx}"
+    return f"{_AS_OF}{tx}"
 
 
 def rewrite_time_travel(query: str, resolve: Callable[[TimePoint], int]) -> tuple[str, set[int]]:
@@ -419,7 +422,7 @@ def check_relations(statement: Mapping[str, Any] | None, query: str, allowed: se
         )
     unknown = sorted(names - {a.lower() for a in allowed})
     if unknown:
-        name, _, tx = unknown[0].partition(suffix_for(0)[:-1])
+        name, _, tx = unknown[0].partition(_AS_OF)
         at = f" (as of tx {tx})" if tx.isdigit() else ""
         raise InvalidQuery(
             f"unknown relation {(name if at else unknown[0])!r}{at}: queries read {', '.join(RELATIONS)} "
@@ -454,29 +457,25 @@ def _tables(tree: object, ctes: frozenset[str]) -> set[str]:
     return found
 
 
+def _nodes(tree: object) -> Iterator[dict[str, Any]]:
+    """Every object in a parse tree, depth first."""
+    if isinstance(tree, list):
+        for item in tree:
+            yield from _nodes(item)
+    elif isinstance(tree, dict):
+        yield tree
+        for value in tree.values():
+            yield from _nodes(value)
+
+
 def _names_recursive(tree: object, name: str) -> bool:
     """Whether a CTE body is the recursive CTE `name` (DuckDB's RECURSIVE_CTE_NODE)."""
-    if isinstance(tree, list):
-        return any(_names_recursive(item, name) for item in tree)
-    if isinstance(tree, dict):
-        if str(tree.get("cte_name", "")).lower() == name:
-            return True
-        return any(_names_recursive(v, name) for v in tree.values())
-    return False
+    return any(str(node.get("cte_name", "")).lower() == name for node in _nodes(tree))
 
 
 def _functions(tree: object) -> set[str]:
     """Every function a parse tree calls (scalar, aggregate or table function), lower case."""
-    found: set[str] = set()
-    if isinstance(tree, list):
-        for item in tree:
-            found |= _functions(item)
-    elif isinstance(tree, dict):
-        if isinstance(name := tree.get("function_name"), str):
-            found.add(name.lower())
-        for value in tree.values():
-            found |= _functions(value)
-    return found
+    return {n["function_name"].lower() for n in _nodes(tree) if isinstance(n.get("function_name"), str)}
 
 
 JSON_TYPE = {b"duckdb_type": b"JSON"}  # field metadata of a JSON column (Arrow has text only)

@@ -10,6 +10,7 @@ view as of tx T is the latest such record with tx <= T. A materialization is a c
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -55,12 +56,17 @@ NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 RESERVED = frozenset(RELATIONS) | {
     m.group(1) for ddl in CATALOG_DDL if (m := re.match(r"CREATE \w+ IF NOT EXISTS (\w+)", ddl))
 }
-# SQL's own words (SELECT, GROUP, ALL, ...): a view so named could only be read quoted.
-KEYWORDS = frozenset(
-    row[0] for row in duckdb.connect().execute(
-        "SELECT keyword_name FROM duckdb_keywords() WHERE keyword_category <> 'unreserved'"
-    ).fetchall()
-)
+
+
+@functools.cache
+def keywords() -> frozenset[str]:
+    """SQL's own words (SELECT, GROUP, ALL, ...): a view so named could only be read quoted."""
+    with duckdb.connect() as con:
+        rows = con.execute(
+            "SELECT keyword_name FROM duckdb_keywords() WHERE keyword_category <> 'unreserved'"
+        ).fetchall()
+    return frozenset(row[0] for row in rows)
+
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _AS_OF_VIEW = re.compile(r"(?P<name>[a-z_][a-z0-9_]*)__as_of_(?P<tx>\d+)")
 
@@ -89,7 +95,7 @@ def check_name(name: object) -> str:
         )
     if name in RESERVED or name.startswith("tail_") or "__as_of_" in name or name.startswith("_mv_"):
         raise InvalidViewName(f"view name {name!r} would shadow a relation or an internal table")
-    if name in KEYWORDS:
+    if name in keywords():
         raise InvalidViewName(f"view name {name!r} is an SQL keyword")
     return name
 
