@@ -476,8 +476,10 @@ class Ledger:
         self, query: str, *, as_of: TimePoint | None = None, valid_at: datetime | str | None = None,
         params: Sequence[Any] | Mapping[str, Any] | None = None,
         timeout: float | None = DEFAULT_TIMEOUT, limit: int | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> pa.Table:
-        return self._at(as_of).sql(query, params=params, valid_at=valid_at, timeout=timeout, limit=limit)
+        return self._at(as_of).sql(query, params=params, valid_at=valid_at, timeout=timeout, limit=limit,
+                                   progress=progress)
 
     def tx_range(self, start: TimePoint | None = None, end: TimePoint | None = None) -> list[Transaction]:
         """Transactions with start <= tx < end (Datomic's tx-range), each with its records."""

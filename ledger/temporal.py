@@ -267,11 +267,13 @@ class Database:
         valid_at: datetime | str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         limit: int | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> pa.Table:
         """Run one SELECT over log, commands, events, datoms, entities, transactions, quarantine.
 
         A query running longer than `timeout` seconds is interrupted; `limit` caps the rows
-        returned (the result's schema metadata says `truncated` when rows were cut).
+        returned (the result's schema metadata says `truncated` when rows were cut). `progress`
+        is called now and then, from another thread, with DuckDB's estimate of the fraction done.
         """
         from ledger import views  # views build on this module
 
@@ -303,6 +305,8 @@ class Database:
             if timer is not None:
                 timer.daemon = True
                 timer.start()
+            done = threading.Event()
+            watcher = None if progress is None else _watch_progress(cur, done, progress)
             try:
                 try:
                     rel = cur.sql(sql, params=params)
@@ -316,6 +320,9 @@ class Database:
                 table = (rel if limit is None else rel.limit(limit + 1)).to_arrow_table()
                 return _mark_json(table, json_columns) if json_columns else table
             finally:
+                done.set()
+                if watcher is not None:
+                    watcher.join()  # no report after the query's end
                 if timer is not None:
                     timer.cancel()
 
@@ -369,6 +376,26 @@ class Database:
 
 
 _LINE = re.compile(r"\bLINE (\d+):")
+PROGRESS_EVERY = 0.25  # seconds between two readings of a running query's progress
+
+
+def _watch_progress(cur: duckdb.DuckDBPyConnection, done: threading.Event,
+                    report: Callable[[float], None]) -> threading.Thread:
+    """Report DuckDB's progress estimate for the query about to run on `cur` until `done`."""
+    cur.execute("SET enable_progress_bar = true")  # tracking on, printing off: read below
+    cur.execute("SET enable_progress_bar_print = false")
+
+    def watch() -> None:
+        last = 0.0
+        while not done.wait(PROGRESS_EVERY):
+            percent = cur.query_progress()  # -1 before the query starts and after it ends
+            if 0 <= percent <= 100 and percent / 100 > last:
+                last = percent / 100
+                report(last)
+
+    thread = threading.Thread(target=watch, name="ledger-query-progress", daemon=True)
+    thread.start()
+    return thread
 
 
 def _bodies(pins: Sequence[tuple[Pin, str]], files: Mapping[str, Sequence[str]], text: str) -> dict[str, str]:

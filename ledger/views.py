@@ -555,9 +555,11 @@ def rebuild(
         if name not in defs:
             raise UnknownView(f"no view named {name!r}")
         version = defs[name]
-        progress(0.05, f"evaluating {name} over the log as of tx {m}")
+        evaluating = f"evaluating {name} over the log as of tx {m}"
+        progress(0.05, evaluating)
         with _using(defs):  # from the log itself, not from any materialization
-            table = lg.as_of(m).sql(f"SELECT * FROM {ident(name)}", timeout=None)
+            table = lg.as_of(m).sql(f"SELECT * FROM {ident(name)}", timeout=None,
+                                    progress=lambda done: progress(0.05 + 0.75 * done, evaluating))
         progress(0.8, f"writing {table.num_rows} rows")
         file = f"{m}.parquet"
         _write_atomic(_dir(root, name) / file,

@@ -197,6 +197,29 @@ def test_rebuild_writes_parquet_and_status_and_reads_use_it(lg: Ledger) -> None:
     assert not path.parent.exists()
 
 
+def test_a_long_rebuild_reports_progress_while_it_runs(lg: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progress comes from DuckDB's estimate while the view's SQL runs, not only before and after."""
+    import ledger.temporal
+
+    monkeypatch.setattr(ledger.temporal, "PROGRESS_EVERY", 0.02)
+    deposit(lg, "a", 1)
+    # Slow on purpose: a scan of 15M generated rows per record.
+    v.define_view(lg, "slow", "SELECT count(DISTINCT (r * 7919) % 1000003) AS n "
+                              "FROM events, range(15000000) AS t(r)")
+    seen: list[tuple[float, float]] = []
+
+    def on_progress(fraction: float, _message: str) -> None:
+        seen.append((fraction, v.status(lg, "slow")["progress"]))
+
+    status = v.rebuild(lg, "slow", on_progress=on_progress)
+    fractions = [f for f, _ in seen]
+    during = [f for f in fractions if 0.05 < f < 0.8]
+    assert during, fractions  # the old code reported 0.05, 0.8 and 1.0 only
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and status["state"] == "ready"
+    assert all(abs(f - stored) < 1e-3 for f, stored in seen[:-1])  # GET /views/{name} shows each
+    assert v.status(lg, "slow")["progress"] == 1.0
+
+
 def test_stale_materializations_are_rebuilt_at_most_every_interval(lg: Ledger) -> None:
     for i in range(4):
         deposit(lg, f"a{i % 2}", 10)
