@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 from typing import TYPE_CHECKING, Any
 
+import jsonschema._keywords
+import jsonschema._utils
+import re2
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from referencing.exceptions import Unresolvable
@@ -22,6 +26,49 @@ ACTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 _VALUES = frozenset({"const", "enum", "examples", "default"})  # data, not subschemas
+
+# A schema's `pattern` / `patternProperties` run on RE2, in time linear in the input: with Python's
+# backtracking `re`, one pattern like ^(a+)+$ and one crafted string would hold a thread for ever.
+# RE2 has no lookaround or backreferences; such patterns are refused when the schema is put.
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+_ECMA_U = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9A-Fa-f]{4})")  # ECMA-262 \uXXXX is RE2's \x{XXXX}
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(pattern: str) -> Any:
+    return re2.compile(_ECMA_U.sub(r"\1\\x{\2}", pattern), _RE2_OPTIONS)
+
+
+class _LinearRe:
+    """Stands in for the `re` module where jsonschema matches patterns (it calls re.search only)."""
+
+    @staticmethod
+    def search(pattern: str, string: str) -> Any:
+        return _compiled(pattern).search(string)
+
+
+jsonschema._keywords.re = _LinearRe
+jsonschema._utils.re = _LinearRe
+
+
+def _pattern_error(schema: object) -> str | None:
+    """Why the first pattern in the schema cannot run on RE2, if one cannot."""
+    if isinstance(schema, list):
+        return next((why for item in schema if (why := _pattern_error(item))), None)
+    if not isinstance(schema, dict):
+        return None
+    patterns = [schema["pattern"]] if isinstance(schema.get("pattern"), str) else []
+    if isinstance(schema.get("patternProperties"), dict):
+        patterns += list(schema["patternProperties"])
+    for pattern in patterns:
+        try:
+            _compiled(pattern)
+        except re2.error as e:
+            why = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+            return (f"pattern /{pattern}/ is not supported ({why}): patterns run on RE2, in linear "
+                    "time, which has no lookaround and no backreferences")
+    return next((why for k, v in schema.items() if k not in _VALUES and (why := _pattern_error(v))), None)
 
 
 def _ids(schema: object) -> set[str]:
@@ -72,6 +119,8 @@ class SchemaRegistry:
         Draft202012Validator.check_schema(schema)
         if remote := _remote_ref(schema):  # the service fetches nothing
             raise SchemaError(f"$ref {remote!r} points outside the schema; only its own refs resolve")
+        if why := _pattern_error(schema):
+            raise SchemaError(why)
         validator = Draft202012Validator(schema)
         try:
             validator.is_valid({})
@@ -110,7 +159,7 @@ class SchemaRegistry:
             return
         try:
             errors = sorted(v.iter_errors(data), key=lambda e: list(e.absolute_path))
-        except (RecursionError, Unresolvable) as e:
+        except (RecursionError, Unresolvable, re2.error) as e:
             raise problem(500, "Schema error", f"the schema registered for {action!r} cannot be "
                           f"evaluated ({type(e).__name__}: {e}); replace it with PUT /schemas/{action}",
                           kind="schema-error") from e

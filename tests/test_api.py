@@ -211,6 +211,24 @@ def test_schema_violations_are_422_with_json_pointers(server: Server) -> None:
     resp = post_command(server, {"action": "loops", "data": {"a": 1}})
     assert "PUT /schemas/loops" in assert_problem(resp, 500)["detail"]
 
+    # Patterns run in linear time: a catastrophic one answers at once (with Python's re, 2^40 steps).
+    evil = {"properties": {"s": {"pattern": "^(a+)+$"}},
+            "patternProperties": {"^(b+)+$": {"type": "integer"}}, "additionalProperties": {"type": "string"}}
+    assert httpx.put(server.url + "/schemas/evil", json=evil).status_code == 200
+    crafted = {"s": "a" * 40 + "!", "b" * 40 + "!": "x"}
+    resp = post_command(server, {"action": "evil", "data": crafted})
+    assert [e["pointer"] for e in assert_problem(resp, 422)["errors"]] == ["/data/s"]
+    assert post_command(server, {"action": "evil", "data": {"s": "aaa", "bb": "x"}}).status_code == 422
+    unicode = {"properties": {"s": {"pattern": "^caf\\u00e9$"}}}  # ECMA-262 \uXXXX
+    assert httpx.put(server.url + "/schemas/unicode", json=unicode).status_code == 200
+    assert post_command(server, {"action": "unicode", "data": {"s": "caf\u00e9"}}).status_code == 202
+    assert post_command(server, {"action": "unicode", "data": {"s": "cafe"}}).status_code == 422
+    for pattern in ("(?=a)b", "(a)\\1"):  # lookaround, backreference: refused up front, saying why
+        bad = {"properties": {"s": {"pattern": pattern}}}
+        resp = httpx.put(server.url + "/schemas/bad", json=bad)
+        detail = assert_problem(resp, 400, field="schema")["detail"]
+        assert pattern in detail and "RE2" in detail, detail
+
 
 def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
     assert "1,048,576-byte limit" in assert_problem(post_command(server, b"x" * (1 << 20 + 1)), 413)["detail"]
