@@ -247,6 +247,9 @@ class Plan:
         for name, body, version in self.order:
             source = self._materialized(cur, name, version, timeout) or body
             try:
+                # Bound first as a relation: a statement that fails would abort the snapshot's
+                # transaction, and with it every later statement of the query.
+                cur.sql(source)
                 cur.execute(f"CREATE TEMP VIEW {ident(name)} AS {source}")
             except duckdb.Error as e:
                 # Maybe the query only mentions the name as a column: fail only if it is used.
@@ -346,7 +349,7 @@ def define_view(lg: Ledger, name: str, sql: str, description: str = "") -> tuple
     current = definitions(lg)
     candidate = ViewVersion(name, sql, description, lg.head.tx + 1, datetime.now(UTC))
     with _using({**current, name: candidate}):
-        lg.db().sql(f"SELECT * FROM ({sql}) LIMIT 0", timeout=DEFAULT_TIMEOUT)
+        lg.db().sql(f"SELECT * FROM ({sql}\n) LIMIT 0", timeout=DEFAULT_TIMEOUT)  # \n: after a -- comment
     lg.append([{"kind": "event", "action": DEFINED,
                 "data": {"name": name, "sql": sql, "description": description}}],
               meta={"view": name})
@@ -422,7 +425,7 @@ _AGGREGATES = frozenset(
     ).fetchall()
 )
 _NOT_A_FILTER = frozenset({
-    "group", "having", "distinct", "join", "limit", "offset", "union", "except", "intersect",
+    "group", "order", "having", "distinct", "join", "limit", "offset", "union", "except", "intersect",
     "qualify", "over", "window", "with", "recursive", "pivot", "unpivot", "sample", "using",
     "lateral", "tablesample", "for", "system_time", "select", "from", "exists", "in", "any", "all",
     "now", "current_timestamp", "current_date", "current_time", "get_current_timestamp", "today",
