@@ -52,6 +52,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from ledger.fetching import FetchWait, unless_stopped
+from ledger.records import validate
 
 if TYPE_CHECKING:
     from aiokafka.structs import ConsumerRecord
@@ -68,6 +69,8 @@ _ID_NAMESPACE = uuid.UUID("0b7f6c52-4d0c-4f43-9a0e-3c1f5e2d8a61")
 # Carried by every event of a multi-event command: the whole batch, so a half-produced command
 # can be completed from any one of its events.
 BATCH_HEADER = "commander-batch"
+# Key + value + headers of one event: under Kafka's default 1 MiB message and request limits.
+MAX_EVENT_BYTES = 1_000_000
 _REPLAY_BATCH = 5_000
 
 
@@ -528,7 +531,15 @@ class Processor(Generic[S]):
                 env["user"] = user
             entity = e.data.get("id")
             key = str(entity) if isinstance(entity, (str, int)) and not isinstance(entity, bool) else parent
-            staged.append((key.encode(), json.dumps(env, separators=(",", ":")).encode(), headers, event))
+            # As the ledger will check it: an event it would quarantine never leaves (handler's fault).
+            validate(i, {"kind": "event", "id": event.id, "action": event.action, "data": event.data,
+                         "parent": parent, "timestamp": timestamp})
+            value = json.dumps(env, separators=(",", ":")).encode()
+            size = len(key.encode()) + len(value) + sum(len(k) + len(v) for k, v in headers)
+            if size > MAX_EVENT_BYTES:  # else the send fails, again on every redelivery
+                raise ValueError(f"event {i} ({event.action!r}) is {size:,} bytes encoded; "
+                                 f"at most {MAX_EVENT_BYTES:,} reach the events topic")
+            staged.append((key.encode(), value, headers, event))
         return staged
 
     async def _send(

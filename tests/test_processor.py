@@ -290,10 +290,21 @@ async def test_bad_handlers_and_bad_events_do_not_stop_the_processor(kafka: Brok
     def not_json(command: Command, state: dict[str, Any]) -> list[Event]:
         return [Event("ok", {"id": "fine"}), Event("bad", {"value": {1, 2}})]
 
-    await send(bs, commands, [command_envelope(a, {}) for a in ("boom", "not-events", "not-json")]
+    # What the ledger would quarantine, and an event no broker takes (found by audit): each
+    # used to be produced anyway, or to stop the processor on every redelivery.
+    @p.handler("unstorable")
+    def unstorable(command: Command, state: dict[str, Any]) -> list[Event]:
+        kind = command.data["kind"]
+        data = {"nan": {"x": float("nan")}, "surrogate": {"x": "\ud800"}, "huge": {"x": "x" * (1100 * 1024)}}
+        return [Event(None, {"x": 1}) if kind == "no-action" else Event("ok", data[kind])]  # type: ignore[arg-type]
+
+    bad = ["boom", "not-events", "not-json"]
+    kinds = ["nan", "surrogate", "huge", "no-action"]
+    await send(bs, commands, [command_envelope(a, {}) for a in bad]
+               + [command_envelope("unstorable", {"kind": k}) for k in kinds]
                + [command_envelope("add", {"counter": "c", "n": 5})])
     await run_until(p, lambda: p.status.commands == 1)
-    assert p.status.failed == 3 and p.status.fold_errors == 1
+    assert p.status.failed == len(bad) + len(kinds) and p.status.fold_errors == 1
     # Nothing of a failed command reached the log, not even the encodable first event.
     log = [m.value for m in await read_all(bs, events) if m.value != b"\xff"]
     assert sorted(json.loads(v)["action"] for v in log) == ["added", "added", "noise"]
