@@ -5,6 +5,7 @@ nothing twice, however slow it is."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -92,9 +93,23 @@ async def ws_updates(
         await socket.close(code=1008, reason=e.detail.encode()[:123].decode(errors="ignore"))
         return
     await socket.accept()
-    try:
+
+    async def stream() -> None:
         async for item in record_stream(services, after, kind, action):
             if item:
                 await socket.send_json(item)
-    except WebSocketDisconnect:
-        return
+
+    async def closed() -> None:
+        """Returns when the client goes: on an idle ledger nothing is sent that would notice."""
+        while (await socket.receive())["type"] != "websocket.disconnect":
+            pass  # frames from the client are ignored
+
+    tasks = [asyncio.ensure_future(stream()), asyncio.ensure_future(closed())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
+                await task

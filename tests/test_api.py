@@ -420,3 +420,20 @@ def test_ready_notices_a_dead_broker_and_its_return(tmp_path: Path) -> None:
     finally:
         srv.stop()
         broker.stop()
+
+
+def test_a_websocket_client_that_leaves_an_idle_stream_is_let_go(tmp_path: Path) -> None:
+    """Nothing is sent on an idle ledger, so only reading the socket notices the client is gone:
+    before, each handler lived on until shutdown cancelled it (found by audit)."""
+    srv = Server(tmp_path / "data").start()
+    ws_url = srv.url.replace("http://", "ws://") + "/updates?after_tx=0"
+    try:
+        for _ in range(5):
+            with ws_connect(ws_url):
+                pass
+        time.sleep(1)
+    finally:
+        started = time.monotonic()
+        srv.stop()
+    assert "graceful shutdown exceeded" not in srv.tail() and "CancelledError" not in srv.tail()
+    assert time.monotonic() - started < 8  # the graceful-shutdown timeout is 10 s
