@@ -32,6 +32,7 @@ from ledger.storage.catalog import CATALOG_DDL, quote, union_sql
 from ledger.storage.segments import SEGMENTS_DIR
 from ledger.temporal import (
     DEFAULT_TIMEOUT,
+    JSON_TYPE,
     RELATIONS,
     Database,
     Pin,
@@ -268,14 +269,18 @@ class Plan:
         if mat is None:
             return None
         path, m, incremental = mat
-        source = f"SELECT * FROM read_parquet({quote(str(path))})"
+        # JSON columns are text in Parquet and Arrow; the schema's field metadata says which.
+        json = [f.name for f in pq.read_schema(path) if f.metadata == JSON_TYPE]
+        star = "*" if not json else "* REPLACE ({})".format(
+            ", ".join(f"CAST({q} AS JSON) AS {q}" for q in ('"' + c.replace('"', '""') + '"' for c in json)))
+        source = f"SELECT {star} FROM read_parquet({quote(str(path))})"
         if pin.basis == m:
             return source
         if not incremental:
             return None
         delta = Database(self.ledger, Pin(basis=pin.basis, since=m)).sql(version.sql, timeout=timeout)
         cur.register(f"_mv_delta_{name}", delta)
-        return f"{source} UNION ALL BY NAME SELECT * FROM _mv_delta_{name}"
+        return f"{source} UNION ALL BY NAME SELECT {star} FROM _mv_delta_{name}"
 
     def explain(self, error: str) -> str | None:
         """A clearer message when DuckDB's error is about a view that could not be created."""
