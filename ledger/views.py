@@ -601,8 +601,11 @@ def status(lg: Ledger, name: str) -> dict[str, Any]:
     version = definition(lg, name)
     st = read_status(lg.root, name) or {}
     state = st.get("state", "none")
-    if state == "building" and not building(lg, name) and _stale_claim(st):
+    # Only the writer rebuilds: if this process is the writer and is not building it, whoever was
+    # went away (a crash mid-rebuild). A reader can only guess, from the claim's age.
+    if state == "building" and not building(lg, name) and (not lg.read_only or _stale_claim(st)):
         state = "failed"  # the process that was building it went away
+        st = {**st, "error": st.get("error") or "the rebuild was interrupted: the process running it stopped"}
     out: dict[str, Any] = {
         "state": state, "tx": st.get("tx"), "rows": st.get("rows"), "progress": st.get("progress"),
         "seconds": st.get("seconds"), "started": st.get("started"), "finished": st.get("finished"),

@@ -256,6 +256,19 @@ def test_a_materialization_keeps_json_columns_json(lg: Ledger) -> None:
     assert lg.sql(count.format("deps")).to_pylist() == lg.sql(count.format("events")).to_pylist()
 
 
+def test_a_rebuild_cut_short_by_a_crash_is_failed_not_building(lg: Ledger) -> None:
+    """A status file left saying "building" by a process that died: the writer knows no one else
+    can be building it (before, it said "building" for 24 hours; found by audit)."""
+    deposit(lg, "a", 1)
+    v.define_view(lg, "b", BALANCES)
+    assert v.start_rebuild(lg, "b") and v.status(lg, "b")["state"] == "building"
+    with v._building_lock:
+        v._building.discard((str(lg.root), "b"))  # as after a kill -9 and a restart
+    st = v.status(lg, "b")
+    assert st["state"] == "failed" and "interrupted" in st["error"]
+    assert v.rebuild(lg, "b")["state"] == "ready" and v.status(lg, "b")["error"] is None
+
+
 def test_stale_materializations_are_rebuilt_at_most_every_interval(lg: Ledger) -> None:
     for i in range(4):
         deposit(lg, f"a{i % 2}", 10)
