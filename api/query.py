@@ -55,7 +55,18 @@ def result_format(request: Request[Any, Any, Any]) -> str:
 
 
 def table_response(table: pa.Table, accept: str) -> Response[Any]:
-    """A result in one of FORMATS (see result_format)."""
+    """A result in one of FORMATS (see result_format); 400 naming the format when a column's type
+    has no form in it (a list in CSV, an INTERVAL in Parquet, an infinite timestamp in JSON)."""
+    try:
+        return _encoded(table, accept)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, OverflowError, ValueError) as e:
+        raise bad_request(
+            f"the result cannot be written as {accept}: {str(e).strip().splitlines()[0]}; cast the "
+            "column (to VARCHAR, for one) or ask for another format", field="accept",
+        ) from e
+
+
+def _encoded(table: pa.Table, accept: str) -> Response[Any]:
     if accept == "text/csv":
         buf = io.BytesIO()
         pa_csv.write_csv(table, buf)

@@ -382,6 +382,12 @@ def test_temporal_reads_over_http(server: Server) -> None:
                           headers={"accept": "application/vnd.apache.parquet;q=0.5, text/csv"})
     assert weighted.headers["content-type"].startswith("text/csv")
     assert_problem(httpx.post(server.url + "/query", json=body, headers={"accept": "image/png"}), 406)
+    # A type a format cannot hold: 400 naming the format, not 500 (found by audit).
+    for sql, accept in [("SELECT [1, 2] AS l", "text/csv"), ("SELECT {'a': 1} AS s", "text/csv"),
+                        ("SELECT INTERVAL 1 DAY AS d", "application/vnd.apache.parquet"),
+                        ("SELECT 'infinity'::TIMESTAMPTZ AS t", "application/json")]:
+        resp = httpx.post(server.url + "/query", json={"sql": sql}, headers={"accept": accept})
+        assert accept in assert_problem(resp, 400, field="accept")["detail"], sql
     tx = httpx.get(server.url + "/tx/1").json()
     assert tx["tx"] == 1 and len(tx["hash"]) == 64 and tx["records"]
     page = httpx.get(server.url + "/tx", params={"limit": 2}).json()
