@@ -98,6 +98,27 @@ def _remote_ref(schema: object, ids: set[str] | None = None) -> str | None:
     return None
 
 
+def _dangling_ref(schema: object, root: object = None) -> str | None:
+    """The first `#/...` $ref whose JSON pointer finds nothing in the schema, if any."""
+    root = schema if root is None else root
+    if isinstance(schema, list):
+        return next((r for item in schema if (r := _dangling_ref(item, root))), None)
+    if not isinstance(schema, dict):
+        return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: object = root
+        for part in ref[2:].split("/"):
+            key = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and key in target:
+                target = target[key]
+            elif isinstance(target, list) and key.isdigit() and int(key) < len(target):
+                target = target[int(key)]
+            else:
+                return ref
+    return next((r for k, v in schema.items() if k not in _VALUES and (r := _dangling_ref(v, root))), None)
+
+
 class SchemaRegistry:
     """Schemas by action. `x-entity-key` (a JSON pointer into data) names the Kafka key."""
 
@@ -121,6 +142,9 @@ class SchemaRegistry:
             raise SchemaError(f"$ref {remote!r} points outside the schema; only its own refs resolve")
         if why := _pattern_error(schema):
             raise SchemaError(why)
+        nested_ids = _ids(schema) - {schema.get("$id")}  # "#/..." inside those is relative to them
+        if not nested_ids and (dangling := _dangling_ref(schema)):
+            raise SchemaError(f"$ref {dangling!r} points to nothing in the schema")
         validator = Draft202012Validator(schema)
         try:
             validator.is_valid({})
@@ -144,6 +168,8 @@ class SchemaRegistry:
             self._install(action, schema)
         except SchemaError as e:
             raise bad_request(f"not a valid JSON Schema: {e.message}", field="schema") from e
+        except RecursionError as e:  # checking the schema itself recursed too deep
+            raise bad_request("not a valid JSON Schema: it is nested too deeply", field="schema") from e
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".{action}.json.tmp"
         tmp.write_text(json.dumps(schema, indent=2), encoding="utf-8")

@@ -197,8 +197,11 @@ def test_schema_violations_are_422_with_json_pointers(server: Server) -> None:
     cmd = wait_for(lambda: (r := httpx.get(server.url + ok.headers["location"])).status_code == 200 and r)
     assert cmd.json()["key"] == "acct-9"  # the schema named the entity key
     assert_problem(httpx.put(server.url + "/schemas/bad", json={"type": 5}), 400, field="schema")
+    deep: dict[str, Any] = {}
+    for _ in range(150):
+        deep = {"not": deep}
     for schema in ({"$ref": "http://example.com/x.json"}, {"properties": {"a": {"$ref": "other.json#"}}},
-                   {"$ref": "#"}):
+                   {"$ref": "#"}, {"properties": {"a": {"$ref": "#/$defs/missing"}}}, deep):
         assert_problem(httpx.put(server.url + "/schemas/bad", json=schema), 400, field="schema")
     own = {"$defs": {"a": {"$id": "a.json", "type": "integer"}}, "properties": {"n": {"$ref": "a.json"}},
            "examples": [{"$ref": "http://example.com/not-a-schema"}]}  # its own $id; examples are data
