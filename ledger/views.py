@@ -102,8 +102,9 @@ def check_name(name: object) -> str:
 
 
 def ident(name: str) -> str:
-    """A view name as a quoted identifier (names recorded before keywords were refused included)."""
-    return f'"{name}"'
+    """A view (or column) name as a quoted identifier (view names recorded before keywords were
+    refused included)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 # ------------------------------------------------------------------------------ the catalog
@@ -270,9 +271,9 @@ class Plan:
             return None
         path, m, incremental = mat
         # JSON columns are text in Parquet and Arrow; the schema's field metadata says which.
-        json = [f.name for f in pq.read_schema(path) if f.metadata == JSON_TYPE]
-        star = "*" if not json else "* REPLACE ({})".format(
-            ", ".join(f"CAST({q} AS JSON) AS {q}" for q in ('"' + c.replace('"', '""') + '"' for c in json)))
+        casts = ", ".join(f"CAST({ident(f.name)} AS JSON) AS {ident(f.name)}"
+                          for f in pq.read_schema(path) if f.metadata == JSON_TYPE)
+        star = f"* REPLACE ({casts})" if casts else "*"
         source = f"SELECT {star} FROM read_parquet({quote(str(path))})"
         if pin.basis == m:
             return source
