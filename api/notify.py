@@ -49,7 +49,8 @@ class Notifier:
 
 
 class ChildWatcher:
-    """Resolves sync-command waiters when an event whose parent is their command is committed.
+    """Resolves sync-command waiters once their command and an event whose parent is their command
+    are both committed (the event can commit first: its tx is then not the command's).
 
     The writer's listener hands over each tx's records, so no query is needed per commit.
     """
@@ -57,6 +58,8 @@ class ChildWatcher:
     def __init__(self, ledger: Ledger) -> None:
         self._loop = asyncio.get_running_loop()
         self._waiters: dict[str, asyncio.Future[list[str]]] = {}
+        self._stored: set[str] = set()  # waiting commands already in the ledger
+        self._children: dict[str, list[str]] = {}  # their events in the ledger so far
         self._remove = ledger.add_listener(self._from_writer)
 
     async def close(self) -> None:
@@ -71,6 +74,8 @@ class ChildWatcher:
 
     def forget(self, command_id: str) -> None:
         self._waiters.pop(command_id, None)
+        self._stored.discard(command_id)
+        self._children.pop(command_id, None)
 
     @property
     def waiting(self) -> int:
@@ -79,15 +84,24 @@ class ChildWatcher:
     def _from_writer(self, report: TxReport, stored: Sequence[NewRecord]) -> None:
         if not self._waiters:
             return
+        commands = [r.id for r in stored if r.kind == "command" and r.id in self._waiters]
         found: dict[str, list[str]] = {}
         for r in stored:
             if r.kind == "event" and r.parent in self._waiters:
                 found.setdefault(r.parent, []).append(r.id)
-        if found:
-            self._loop.call_soon_threadsafe(self._resolve, found)
+        if commands or found:
+            self._loop.call_soon_threadsafe(self._resolve, commands, found)
 
-    def _resolve(self, found: dict[str, list[str]]) -> None:
+    def _resolve(self, commands: list[str], found: dict[str, list[str]]) -> None:
+        for command_id in commands:
+            if command_id in self._waiters:
+                self._stored.add(command_id)
         for parent, ids in found.items():
-            fut = self._waiters.pop(parent, None)
+            if parent in self._waiters:
+                self._children.setdefault(parent, []).extend(ids)
+        for command_id in [c for c in self._stored if self._children.get(c)]:
+            fut = self._waiters.get(command_id)
+            kids = self._children[command_id]
+            self.forget(command_id)
             if fut is not None and not fut.done():
-                fut.set_result(ids)
+                fut.set_result(kids)

@@ -48,14 +48,22 @@ def test_sync_transfers_from_concurrent_clients(bank: Server) -> None:
         a, b = rng.sample(ACCOUNTS, 2)
         transfers.append({"from_account": a, "to_account": b, "amount": rng.randint(1, 500)})
 
+    unresolved: list[str] = []  # a 201's Location that did not answer 200 right away
+
     def send(chunk: list[dict[str, Any]]) -> list[httpx.Response]:
         with httpx.Client(base_url=bank.url, timeout=30) as client:
-            return [sync(client, "transfer-money", t) for t in chunk]
+            out = []
+            for t in chunk:
+                out.append(r := sync(client, "transfer-money", t))
+                if r.status_code == 201 and client.get(r.headers["location"]).status_code != 200:
+                    unresolved.append(r.headers["location"])
+            return out
 
     with ThreadPoolExecutor(20) as pool:
         responses = [r for rs in pool.map(send, [transfers[i::20] for i in range(20)]) for r in rs]
 
     assert [r.status_code for r in responses] == [201] * len(transfers)
+    assert unresolved == []  # the command is in the ledger when its answer says done (found by audit)
     ids = [r.json()["id"] for r in responses]
     assert all(r.json()["children"] for r in responses)
     q = httpx.post(bank.url + "/query", timeout=30, json={
