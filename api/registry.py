@@ -19,6 +19,7 @@ from referencing.exceptions import Unresolvable
 from api.errors import bad_request, problem
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 log = logging.getLogger("api")
@@ -52,62 +53,59 @@ jsonschema._keywords.re = _LinearRe
 jsonschema._utils.re = _LinearRe
 
 
+def _subschemas(schema: object) -> Iterator[dict[str, Any]]:
+    """Every object in a schema, depth first, skipping the keywords whose values are data."""
+    if isinstance(schema, list):
+        for item in schema:
+            yield from _subschemas(item)
+    elif isinstance(schema, dict):
+        yield schema
+        for key, value in schema.items():
+            if key not in _VALUES:
+                yield from _subschemas(value)
+
+
 def _pattern_error(schema: object) -> str | None:
     """Why the first pattern in the schema cannot run on RE2, if one cannot."""
-    if isinstance(schema, list):
-        return next((why for item in schema if (why := _pattern_error(item))), None)
-    if not isinstance(schema, dict):
-        return None
-    patterns = [schema["pattern"]] if isinstance(schema.get("pattern"), str) else []
-    if isinstance(schema.get("patternProperties"), dict):
-        patterns += list(schema["patternProperties"])
-    for pattern in patterns:
-        try:
-            _compiled(pattern)
-        except re2.error as e:
-            why = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
-            return (f"pattern /{pattern}/ is not supported ({why}): patterns run on RE2, in linear "
-                    "time, which has no lookaround and no backreferences")
-    return next((why for k, v in schema.items() if k not in _VALUES and (why := _pattern_error(v))), None)
+    for node in _subschemas(schema):
+        patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+        if isinstance(node.get("patternProperties"), dict):
+            patterns += list(node["patternProperties"])
+        for pattern in patterns:
+            try:
+                _compiled(pattern)
+            except re2.error as e:
+                why = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+                return (f"pattern /{pattern}/ is not supported ({why}): patterns run on RE2, in linear "
+                        "time, which has no lookaround and no backreferences")
+    return None
 
 
 def _ids(schema: object) -> set[str]:
     """The `$id`s the schema declares (refs to them resolve inside it)."""
-    if isinstance(schema, list):
-        return set().union(*map(_ids, schema)) if schema else set()
-    if isinstance(schema, dict):
-        own = {schema["$id"]} if isinstance(schema.get("$id"), str) else set()
-        return own.union(*(_ids(v) for k, v in schema.items() if k not in _VALUES))
-    return set()
+    return {node["$id"] for node in _subschemas(schema) if isinstance(node.get("$id"), str)}
 
 
-def _remote_ref(schema: object, ids: set[str] | None = None) -> str | None:
+def _refs(schema: object) -> Iterator[str]:
+    for node in _subschemas(schema):
+        for key in ("$ref", "$dynamicRef"):
+            if isinstance(node.get(key), str):
+                yield node[key]
+
+
+def _remote_ref(schema: object) -> str | None:
     """The first $ref / $dynamicRef that points outside the schema, if any."""
-    ids = _ids(schema) if ids is None else ids
-    if isinstance(schema, list):
-        return next((r for item in schema if (r := _remote_ref(item, ids))), None)
-    if isinstance(schema, dict):
-        for key, value in schema.items():
-            if key in _VALUES:
-                continue
-            is_ref = key in ("$ref", "$dynamicRef") and isinstance(value, str)
-            if is_ref and value.split("#")[0] not in ids | {""}:
-                return str(value)
-            if found := _remote_ref(value, ids):
-                return found
-    return None
+    ids = _ids(schema)
+    return next((r for r in _refs(schema) if r.split("#")[0] not in ids | {""}), None)
 
 
-def _dangling_ref(schema: object, root: object = None) -> str | None:
+def _dangling_ref(schema: object) -> str | None:
     """The first `#/...` $ref whose JSON pointer finds nothing in the schema, if any."""
-    root = schema if root is None else root
-    if isinstance(schema, list):
-        return next((r for item in schema if (r := _dangling_ref(item, root))), None)
-    if not isinstance(schema, dict):
-        return None
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target: object = root
+    for node in _subschemas(schema):
+        ref = node.get("$ref")
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            continue
+        target: object = schema
         for part in ref[2:].split("/"):
             key = part.replace("~1", "/").replace("~0", "~")
             if isinstance(target, dict) and key in target:
@@ -116,7 +114,7 @@ def _dangling_ref(schema: object, root: object = None) -> str | None:
                 target = target[int(key)]
             else:
                 return ref
-    return next((r for k, v in schema.items() if k not in _VALUES and (r := _dangling_ref(v, root))), None)
+    return None
 
 
 class SchemaRegistry:
