@@ -12,6 +12,7 @@ import re
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -50,8 +51,11 @@ from ledger.storage.catalog import (
     CATALOG_DDL,
     INDEX_COLUMNS,
     RELATIONS,
+    STATE_COLUMNS,
     TAIL_TABLES,
+    Files,
     columns,
+    latest_datoms_sql,
     quote,
     tail_datoms_ddl,
     union_sql,
@@ -170,6 +174,10 @@ class Ledger:
         self._write_lock = threading.Lock()
         self._seal_lock = threading.Lock()  # one seal at a time; appends go on while it writes
         self._sealer: threading.Thread | None = None
+        # Snapshots using each entity state checkpoint: a superseded one is deleted once unused.
+        self._state_lock = threading.Lock()
+        self._state_users: Counter[str] = Counter()
+        self._state_retired: set[str] = set()
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._closed = False
@@ -256,6 +264,11 @@ class Ledger:
             cls._settle_config(con, entity_path, deletion)
             registered = {r[0] for r in con.execute("SELECT dir FROM segments").fetchall()}
             seg.clean_orphans(root, registered)
+            state = next(iter(con.execute("SELECT file FROM entity_state").fetchall()), None)
+            if state is not None and not (root / seg.STATE_DIR / state[0]).exists():
+                con.execute("DELETE FROM entity_state")  # deleted by hand: scan until the next seal
+                state = None
+            seg.clean_states(root, state[0] if state else None)
             ledger = cls(root, con, read_only=False, seal_every=seal_every)
         except BaseException:
             con.close()
@@ -390,7 +403,7 @@ class Ledger:
         return cur
 
     @contextmanager
-    def snapshot(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, dict[str, list[str]]]]:
+    def snapshot(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, Files]]:
         """A cursor inside one DuckDB transaction, with the segment files that snapshot sees.
 
         The segment list and the tail are read in the same transaction, so a concurrent seal
@@ -399,17 +412,27 @@ class Ledger:
         if self._closed:
             raise LedgerError("the ledger is closed")
         cur = self._con.cursor()
+        files = Files()
         try:
             cur.execute("SET TimeZone = 'UTC'")
-            cur.execute("BEGIN TRANSACTION")
-            dirs = [r[0] for r in cur.execute("SELECT dir FROM segments ORDER BY first_tx").fetchall()]
+            with self._state_lock:  # a seal retiring the checkpoint this snapshot sees waits
+                cur.execute("BEGIN TRANSACTION")
+                dirs = [r[0] for r in cur.execute("SELECT dir FROM segments ORDER BY first_tx").fetchall()]
+                state = next(iter(cur.execute("SELECT tx, file FROM entity_state").fetchall()), None)
+                if state is not None:
+                    self._state_users[state[1]] += 1
+                    files.state = (state[0], str(self.root / seg.STATE_DIR / state[1]))
             base = self.root / seg.SEGMENTS_DIR
-            files = {rel: [str(base / d / f"{rel}.parquet") for d in dirs] for rel in RELATIONS}
+            files.update({rel: [str(base / d / f"{rel}.parquet") for d in dirs] for rel in RELATIONS})
             yield cur, files
         finally:
             with suppress(duckdb.Error):
                 cur.execute("ROLLBACK")  # reads only; also discards anything a query tried to write
             cur.close()
+            if files.state is not None:
+                with self._state_lock:
+                    self._state_users[Path(files.state[1]).name] -= 1
+                    self._drop_retired_states()
 
     @property
     def head(self) -> Head:
@@ -787,9 +810,11 @@ class Ledger:
                 count = cur.execute(
                     f"SELECT count(*) FROM tail_records WHERE tx BETWEEN {first} AND {last}"
                 ).fetchone()
+                old = next(iter(cur.execute("SELECT tx, file FROM entity_state").fetchall()), None)
+                state = self._write_state(cur, old, first, last)
             finally:
                 cur.close()
-            with self._write_lock:
+            with self._write_lock, self._state_lock:
                 con = self._con
                 con.execute("BEGIN TRANSACTION")
                 try:
@@ -804,15 +829,49 @@ class Ledger:
                         "DELETE FROM offsets o WHERE tx < (SELECT max(tx) FROM offsets l WHERE "
                         "l.consumer = o.consumer AND l.topic = o.topic AND l.partition = o.partition)"
                     )
+                    if state is not None:
+                        con.execute("DELETE FROM entity_state")
+                        con.execute("INSERT INTO entity_state VALUES (?, ?)", [last, state])
                     con.execute("COMMIT")
                     self._tail_records = self._tail_count()
                 except BaseException:
                     with suppress(duckdb.Error):
                         con.execute("ROLLBACK")
                     raise
+                if state is not None and old is not None:
+                    self._state_retired.add(old[1])
+                    self._drop_retired_states()
                 self._write_manifest()
                 con.execute("CHECKPOINT")
             return last
+
+    def _write_state(
+        self, cur: duckdb.DuckDBPyConnection, old: tuple[int, str] | None, first: int, last: int
+    ) -> str | None:
+        """The entity state checkpoint at `last` (a new segment first..last being sealed): the
+        previous checkpoint folded with the new datoms, or every sealed datom when there is none.
+        None if it cannot be written: readers then keep the old one, or scan the datoms."""
+        segs = self.root / seg.SEGMENTS_DIR
+        if old is not None and old[0] == first - 1:
+            sources = [str(self.root / seg.STATE_DIR / old[1])]
+            dirs = [seg.segment_name(first, last)]
+        else:
+            dirs = [r[0] for r in cur.execute("SELECT dir FROM segments ORDER BY first_tx").fetchall()]
+            sources, dirs = [], [*dirs, seg.segment_name(first, last)]
+        sources += [str(segs / d / "datoms.parquet") for d in dirs]
+        try:
+            return seg.write_state(cur, self.root, last, sources)
+        except (duckdb.Error, OSError):
+            log.exception("the entity state checkpoint at tx %d was not written (entities reads "
+                          "scan more datoms until the next seal writes one)", last)
+            return None
+
+    def _drop_retired_states(self) -> None:
+        """Delete superseded checkpoints no snapshot is reading (caller holds _state_lock)."""
+        for name in [n for n in self._state_retired if not self._state_users[n]]:
+            (self.root / seg.STATE_DIR / name).unlink(missing_ok=True)
+            self._state_retired.discard(name)
+            del self._state_users[name]
 
     def _write_manifest(self) -> None:
         con = self._con
@@ -840,7 +899,7 @@ class Ledger:
         # (txs it does not hold yet, committed concurrently, are not compared).
         index = self._index.all_rows() if self.indexed and self._index is not None else None
         check = _ChainCheck(self.rules, index)
-        with self.snapshot() as (cur, _):
+        with self.snapshot() as (cur, files):
             segs = cur.execute(
                 "SELECT first_tx, dir, files FROM segments ORDER BY first_tx"
             ).fetchall()
@@ -860,6 +919,8 @@ class Ledger:
                         return check.fail(first, f"segment {d}: {relation}.parquet was modified")
             if check.source(cur, {r: f"tail_{r}" for r in RELATIONS}):
                 check.index_leftovers()
+            if check.bad is None and files.state is not None:
+                _check_state(cur, files, check)
         return check.report()
 
     # ------------------------------------------------------------------------------------ info
@@ -880,6 +941,26 @@ class Ledger:
         }
 
 
+def _check_state(cur: duckdb.DuckDBPyConnection, files: Files, check: _ChainCheck) -> None:
+    """The entity state checkpoint against the (already verified) datoms it summarises."""
+    assert files.state is not None
+    at, path = files.state
+    stored = f"SELECT {STATE_COLUMNS} FROM read_parquet({quote(path)})"
+    expected = latest_datoms_sql(union_sql("datoms", files["datoms"], where=f"tx <= {at}"))
+    try:
+        row = cur.execute(
+            f"SELECT count(*), min(tx) FROM (({stored} EXCEPT ALL {expected}) "
+            f"UNION ALL ({expected} EXCEPT ALL {stored}))"
+        ).fetchone()
+    except duckdb.Error as e:
+        check.fail(at, f"the entity state checkpoint at tx {at} cannot be read: {e}")
+        return
+    if row is not None and row[0]:
+        check.fail(min(int(row[1]), at), (
+            f"the entity state checkpoint at tx {at} does not match the datoms (derived data: "
+            f"delete {path} and reopen; the next seal writes a new one)"))
+
+
 def _bytes_under(root: Path) -> int:
     """Bytes of the files under root. A writer in another process may be sealing (its `.tmp-`
     directory comes and goes): what vanishes while we walk is not counted."""
@@ -896,7 +977,9 @@ def _confine(con: duckdb.DuckDBPyConnection, root: Path) -> None:
     reader sends."""
     segments = (root / seg.SEGMENTS_DIR).resolve()
     views = (root / "views").resolve()  # materializations: ledger.views.VIEWS_DIR
-    con.execute(f"SET allowed_directories = [{quote(str(segments) + '/')}, {quote(str(views) + '/')}]")
+    state = (root / seg.STATE_DIR).resolve()
+    allowed = ", ".join(quote(str(d) + "/") for d in (segments, views, state))
+    con.execute(f"SET allowed_directories = [{allowed}]")
     con.execute("SET enable_external_access = false")
 
 

@@ -18,7 +18,16 @@ import pyarrow as pa
 from ledger.datoms import attributes
 from ledger.errors import InvalidQuery, InvalidTime
 from ledger.records import Datom, loads, to_utc
-from ledger.storage.catalog import TAIL_TABLES, columns, datoms_sql, index_rows_sql, union_sql
+from ledger.storage.catalog import (
+    STATE_COLUMNS,
+    TAIL_TABLES,
+    Files,
+    columns,
+    datoms_sql,
+    index_rows_sql,
+    quote,
+    union_sql,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -55,29 +64,43 @@ class Pin:
         return "(tx, seq)"
 
 
-def relation_views(pin: Pin, files: Mapping[str, Sequence[str]], suffix: str = "") -> dict[str, str]:
+def relation_views(pin: Pin, files: Files, suffix: str = "") -> dict[str, str]:
     """The SQL of every relation a query sees, restricted to `pin` (named with `suffix`)."""
     def pinned(relation: str, valid: bool) -> str:
         return union_sql(relation, files[relation], where=pin.where(valid=valid))
+
+    latest = f"datoms{suffix}"
+    if files.state is not None and pin.since is None and pin.valid_at is None and files.state[0] <= pin.basis:
+        # The checkpoint holds the latest datom of each (e, a) through its tx: fold in the newer ones.
+        at, path = files.state
+        latest = (
+            f"(SELECT {STATE_COLUMNS} FROM read_parquet({quote(path)}) "
+            f"UNION ALL SELECT {STATE_COLUMNS} FROM datoms{suffix} WHERE tx > {at})"
+        )
 
     return {
         f"log{suffix}": pinned("records", True),
         f"commands{suffix}": f"SELECT * FROM log{suffix} WHERE kind = 'command'",
         f"events{suffix}": f"SELECT * FROM log{suffix} WHERE kind = 'event'",
         f"datoms{suffix}": pinned("datoms", True),
-        f"entities{suffix}": (
-            # The latest datom per (e, a) by arg_max (measured 30% faster than a window), then
-            # the held ones as a JSON object with its fields in a fixed order: the same state is
-            # the same text. tx and tx_time are of the last change, a retraction included.
-            "SELECT e, CAST('{' || string_agg(to_json(a) || ':' || w.v, ',' ORDER BY a) "
-            "FILTER (WHERE w.v IS NOT NULL) || '}' AS JSON) AS state, max(w.tx) AS tx, "
-            "max(w.tx_time) AS tx_time FROM (SELECT e, a, "
-            f"arg_max({{'v': v, 'tx': tx, 'tx_time': tx_time}}, {pin.latest_key}) AS w FROM datoms{suffix} "
-            "GROUP BY e, a) GROUP BY e HAVING count(w.v) > 0"
-        ),
+        f"entities{suffix}": entities_sql(pin, latest),
         f"transactions{suffix}": pinned("transactions", False),
         f"quarantine{suffix}": pinned("quarantine", False),
     }
+
+
+def entities_sql(pin: Pin, datoms: str) -> str:
+    """State per entity from `datoms` (a relation or subquery, already restricted to `pin`)."""
+    # The latest datom per (e, a) by arg_max (measured 30% faster than a window), then the held
+    # ones as a JSON object with its fields in a fixed order: the same state is the same text.
+    # tx and tx_time are of the last change, a retraction included.
+    return (
+        "SELECT e, CAST('{' || string_agg(to_json(a) || ':' || w.v, ',' ORDER BY a) "
+        "FILTER (WHERE w.v IS NOT NULL) || '}' AS JSON) AS state, max(w.tx) AS tx, "
+        "max(w.tx_time) AS tx_time FROM (SELECT e, a, "
+        f"arg_max({{'v': v, 'tx': tx, 'tx_time': tx_time}}, {pin.latest_key}) AS w FROM {datoms} "
+        "GROUP BY e, a) GROUP BY e HAVING count(w.v) > 0"
+    )
 
 
 RELATIONS = ("log", "commands", "events", "datoms", "entities", "transactions", "quarantine")
@@ -373,6 +396,8 @@ class Database:
         if len(rows) <= INLINE_INDEX_ROWS:
             source = datoms_sql(index_rows_sql(rows), self._ledger.rules.entity_key)
             bodies["datoms"] = f"SELECT {columns('datoms')} FROM ({source}) WHERE {pin.where()}"
+            if "entities" in bodies:  # from those datoms alone, not the whole checkpoint
+                bodies["entities"] = entities_sql(pin, "datoms")
 
 
 _LINE = re.compile(r"\bLINE (\d+):")
@@ -398,7 +423,7 @@ def _watch_progress(cur: duckdb.DuckDBPyConnection, done: threading.Event,
     return thread
 
 
-def _bodies(pins: Sequence[tuple[Pin, str]], files: Mapping[str, Sequence[str]], text: str) -> dict[str, str]:
+def _bodies(pins: Sequence[tuple[Pin, str]], files: Files, text: str) -> dict[str, str]:
     """The SQL of each relation (at each pin) that `text` may read."""
     return {
         name: body
@@ -410,7 +435,9 @@ def _bodies(pins: Sequence[tuple[Pin, str]], files: Mapping[str, Sequence[str]],
 
 _EXPLAIN = re.compile(r"^\s*EXPLAIN(\s+ANALYZE)?\s+", re.IGNORECASE)
 # The catalog's own tables: rows newer than any as-of point, offsets, ... not the query's business.
-_INTERNAL = frozenset({"ledger_meta", "record_ids", "segments", "offsets", "tail_datoms", *TAIL_TABLES})
+_INTERNAL = frozenset({
+    "ledger_meta", "record_ids", "segments", "offsets", "entity_state", "tail_datoms", *TAIL_TABLES,
+})
 
 
 def parse(cur: duckdb.DuckDBPyConnection, query: str) -> dict[str, Any] | None:

@@ -152,6 +152,24 @@ def test_derived_datoms_changed_in_the_tail_names_that_tx(copy: Path) -> None:
     assert reason == "the datoms of tx 17 do not match its records"
 
 
+def test_entity_state_checkpoint_changed_names_that_tx(copy: Path) -> None:
+    """`entities` starts from the checkpoint the last seal wrote (state/): a value changed in it
+    is what a reader would be told, so verify() compares it with the datoms."""
+    path = copy / "state" / f"{SEALS[-1]:012d}.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    row = next(r for r in rows if r["e"] == "acct-1" and r["a"] == "balance")
+    assert row["tx"] == SEALS[-1] and json.loads(row["v"]) == SEALS[-1]
+    row["v"] = "-1"
+    pq.write_table(type(table).from_pylist(rows, schema=table.schema), path, compression="zstd")
+    with Ledger.open(copy) as lg:
+        query = "select state->>'balance' as b from entities where e = 'acct-1'"
+        assert lg.sql(query, as_of=SEALS[-1]).to_pylist() == [{"b": "-1"}]  # what a reader would be told
+        r = lg.verify()
+    assert (r.ok, r.first_bad_tx, r.checked) == (False, SEALS[-1], SEALS[-1] - 1), r.reason
+    assert r.reason is not None and "entity state checkpoint" in r.reason
+
+
 @pytest.mark.parametrize("tx", [3, 18])  # sealed, and in the tail
 def test_entity_index_changed_names_that_tx(copy: Path, tx: int) -> None:
     """entity() and history() read the entity index (SQLite): it is checked against the records."""

@@ -99,6 +99,9 @@ CATALOG_DDL = [
         consumer VARCHAR NOT NULL, topic VARCHAR NOT NULL, partition INTEGER NOT NULL,
         next_offset BIGINT NOT NULL, generation INTEGER NOT NULL, last_digest VARCHAR,
         tx BIGINT NOT NULL)""",
+    # The entity state checkpoint (ledger.storage.segments.write_state) readers may start from:
+    # at most one row, replaced by each seal.
+    "CREATE TABLE IF NOT EXISTS entity_state (tx BIGINT PRIMARY KEY, file VARCHAR NOT NULL)",
     # The unsealed events that name an entity, one row per event (not per datom): `attrs` is the
     # JSON object of the event's attributes (its `data`, or {a: null} for each attribute a
     # deletion retracts). The tail datoms are unpacked from it; a seal writes them to Parquet.
@@ -125,6 +128,27 @@ def datoms_sql(source: str, entity_key: str | None) -> str:
         "FROM (SELECT *, unnest(map_entries(CAST(CAST(attrs AS JSON) AS MAP(VARCHAR, JSON)))) AS kv "
         f"FROM {source}){skip}"
     )
+
+
+# The columns of an entity state checkpoint: the latest datom of each (entity, attribute).
+STATE_COLUMNS = "e, a, v, tx, seq, tx_time"
+
+
+def latest_datoms_sql(source: str) -> str:
+    """The latest datom (in tx order) of each (e, a) in `source`, retractions included, with the
+    columns of STATE_COLUMNS: folding a checkpoint and newer datoms gives the next checkpoint."""
+    return (
+        "SELECT e, a, w.v AS v, w.tx AS tx, w.seq AS seq, w.tx_time AS tx_time FROM (SELECT e, a, "
+        f"arg_max({{'v': v, 'tx': tx, 'seq': seq, 'tx_time': tx_time}}, (tx, seq)) AS w FROM ({source}) "
+        "GROUP BY e, a)"
+    )
+
+
+class Files(dict[str, list[str]]):
+    """The sealed Parquet files of each relation in one snapshot, and the entity state checkpoint
+    (tx, path) that snapshot may start `entities` from."""
+
+    state: tuple[int, str] | None = None
 
 
 def tail_datoms_ddl(entity_key: str | None) -> str:

@@ -9,7 +9,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any
 
-from ledger.storage.catalog import RELATIONS, SEAL_ORDER, columns, quote
+from ledger.storage.catalog import RELATIONS, SEAL_ORDER, STATE_COLUMNS, columns, latest_datoms_sql, quote
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import duckdb
 
 SEGMENTS_DIR = "segments"
+STATE_DIR = "state"  # entity state checkpoints: derived from the datoms, safe to delete when stopped
 MANIFEST = "manifest.json"
 FORMAT = "commander-ledger/3"
 _ROW_GROUP = {"datoms": 16_384}  # small row groups: an entity lookup reads little
@@ -76,6 +77,43 @@ def write_segment(
     os.replace(tmp, final)
     fsync_path(segs)
     return hashes
+
+
+def state_name(tx: int) -> str:
+    return f"{tx:012d}.parquet"
+
+
+def write_state(con: duckdb.DuckDBPyConnection, root: Path, tx: int, sources: list[str]) -> str:
+    """Write the entity state checkpoint at `tx`: the latest datom of each (entity, attribute)
+    in `sources` (Parquet files with the columns of STATE_COLUMNS: an older checkpoint and the
+    datoms sealed after it, or every datoms file). Returns its file name under STATE_DIR.
+
+    `entities` as of any tx >= `tx` can then fold the checkpoint and the newer datoms instead of
+    the whole log. Temp name, fsync, rename, like a segment."""
+    folder = root / STATE_DIR
+    folder.mkdir(exist_ok=True)
+    name = state_name(tx)
+    tmp = folder / f".tmp-{name}"
+    union = " UNION ALL ".join(
+        f"SELECT {STATE_COLUMNS} FROM read_parquet({quote(path)}) WHERE tx <= {tx}" for path in sources
+    )
+    con.execute(
+        f"COPY ({latest_datoms_sql(union)} ORDER BY e, a) TO {quote(str(tmp))} "
+        "(FORMAT parquet, COMPRESSION zstd)"
+    )
+    fsync_path(tmp)
+    os.replace(tmp, folder / name)
+    fsync_path(folder)
+    return name
+
+
+def clean_states(root: Path, keep: str | None) -> None:
+    """Remove checkpoints other than the registered one (superseded, or left by a crash)."""
+    folder = root / STATE_DIR
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.name != keep:
+                child.unlink(missing_ok=True)
 
 
 def clean_orphans(root: Path, registered: set[str]) -> list[str]:
