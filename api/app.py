@@ -9,7 +9,7 @@ from litestar import Litestar, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.plugins.problem_details import (
     ProblemDetailsConfig,
     ProblemDetailsException,
@@ -38,7 +38,9 @@ async def health() -> dict[str, Any]:
     return {"status": "ok"}
 
 
-@get("/ready", tags=["health"])
+@get("/ready", tags=["health"], responses={
+    503: ResponseSpec(dict[str, Any], generate_examples=False, description="Not ready: `checks` says why"),
+})
 async def ready(services: Services) -> Response[dict[str, Any]]:
     """Readiness: the ledger is open, the consumer has partitions, the broker is reachable."""
     body = await services.ready()
@@ -77,5 +79,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             LedgerError: _ledger_error, HTTPException: _http_error, Exception: _unexpected,
         },
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="Commander Ledger", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(title="Commander Ledger", version="0.1.0", path="/schema",
+                                     use_handler_docstrings=True),
     )

@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import msgspec
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import ResponseHeader
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.plugins.problem_details import ProblemDetailsException
 
-from api.errors import bad_request, not_found, problem, unavailable
+from api.errors import bad_request, json_type, not_found, problem, problems, unavailable
 from api.records import children, decode_cursor, encode_cursor, get_record, list_records
 from api.services import Services  # Litestar reads handler annotations at runtime
 from ledger.consumer import MAX_JSON_DEPTH, MAX_VALUE_BYTES
@@ -23,6 +27,48 @@ from ledger.records import uuid7, validate
 
 ENVELOPE_FIELDS = {"action", "data", "user", "system"}
 MAX_SYNC_TIMEOUT = 30.0
+
+
+class _CommandOptional(TypedDict, total=False):  # (a base: NotRequired[...] is lost when postponed)
+    user: str
+    system: str
+    children: list[str]  # with status "done": the events that answer it
+
+
+class CommandAccepted(_CommandOptional):
+    """A command as it was produced to Kafka, where it went, and how far it has got."""
+
+    id: str
+    action: str
+    data: dict[str, Any]
+    timestamp: str
+    topic: str
+    partition: int
+    offset: int
+    status: Literal["accepted", "pending", "done"]
+
+
+@dataclass
+class _SubmitOperation(Operation):
+    """POST /commands reads its body itself (to check it as the ledger will check the record),
+    so Litestar sees no body parameter to describe: the envelope is described here."""
+
+    def __post_init__(self) -> None:
+        envelope = Schema(
+            type=OpenAPIType.OBJECT, required=["action", "data"], additional_properties=False,
+            properties={
+                "action": Schema(type=OpenAPIType.STRING, min_length=1,
+                                 description="picks the JSON Schema that `data` must match"),
+                "data": Schema(type=OpenAPIType.OBJECT, description="the command's payload"),
+                "user": Schema(type=OpenAPIType.STRING, description="who sent it (a Kafka header)"),
+                "system": Schema(type=OpenAPIType.STRING, description="what sent it (a Kafka header)"),
+            },
+            examples=[{"action": "open-account", "data": {"account": "acct-1", "owner": "ann"}}],
+        )
+        self.request_body = RequestBody(
+            required=True, description="The command envelope (at most LEDGER_MAX_BODY_BYTES)",
+            content={"application/json": OpenAPIMediaType(schema=envelope)},
+        )
 
 
 def _finite(text: str) -> float:
@@ -44,9 +90,9 @@ def parse_command(body: bytes) -> dict[str, Any]:
     except RecursionError as e:
         raise bad_request(f"body nests deeper than {MAX_JSON_DEPTH} levels", field="data") from e
     except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"body is not valid JSON: {e}", kind="malformed-json") from e
+        raise bad_request(f"body is not valid JSON: {e}", field="body", kind="malformed-json") from e
     if not isinstance(env, dict):
-        raise bad_request(f"body must be a JSON object, got {type(env).__name__}")
+        raise bad_request(f"body must be a JSON object, got {json_type(env)}", field="body")
     unknown = sorted(set(env) - ENVELOPE_FIELDS)
     if unknown:
         raise bad_request(
@@ -78,10 +124,20 @@ class CommandController(Controller):
     path = "/commands"
     tags = ["commands"]
 
-    @post("/", status_code=202)
+    @post(
+        "/", status_code=202, operation_class=_SubmitOperation,
+        response_description="Produced to Kafka (with `sync`: not answered within `timeout`, status pending)",
+        response_headers=[ResponseHeader(name="Location", value="/commands/{id}", documentation_only=True,
+                                         description="the command, to poll for its status")],
+        responses={
+            201: ResponseSpec(CommandAccepted, generate_examples=False, description=(
+                "With `sync`: an event that answers it is in the ledger (`children`); Location as for 202")),
+            **problems(400, 413, 422, 503),
+        },
+    )
     async def submit(
         self, request: Request[Any, Any, Any], services: Services, sync: bool = False, timeout: float = 5.0,
-    ) -> Response[dict[str, Any]]:
+    ) -> Response[CommandAccepted]:
         """Accept a command: 202 with its Kafka position, or with `sync=true` 201 once its first
         event is in the ledger (202 `pending` if that takes longer than `timeout` seconds)."""
         if not 0 < timeout <= MAX_SYNC_TIMEOUT:
@@ -102,7 +158,7 @@ class CommandController(Controller):
             if waiter is not None:
                 services.children.forget(command["id"])
 
-    @get("/")
+    @get("/", responses=problems(400))
     async def list_commands(
         self, services: Services, action: list[str] | None = None, since: str | None = None,
         until: str | None = None, as_of: str | None = None, limit: int = 100, cursor: str | None = None,
@@ -110,7 +166,7 @@ class CommandController(Controller):
         """Commands in ledger order; pass `cursor` from the previous page to continue."""
         return await _page(services, "command", action, since, until, as_of, limit, cursor)
 
-    @get("/{command_id:str}")
+    @get("/{command_id:str}", responses=problems(400, 404))
     async def get_command(self, services: Services, command_id: str) -> dict[str, Any]:
         """One command, its events (`children`) and `status`: done once it has an event."""
         rec = await asyncio.to_thread(get_record, services.ledger, command_id, "command")
@@ -123,7 +179,7 @@ class CommandController(Controller):
 async def _produce_and_wait(
     services: Services, command: dict[str, Any], key: str, waiter: asyncio.Future[Any] | None,
     timeout: float,
-) -> Response[dict[str, Any]]:
+) -> Response[Any]:
     producer = services.producer
     if producer is None:
         raise unavailable(f"Kafka at {services.bootstrap} is not reachable; nothing was written, "

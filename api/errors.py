@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from litestar.exceptions import ClientException, HTTPException
+from litestar.openapi import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 
 from ledger.errors import (
@@ -17,6 +18,38 @@ from ledger.errors import (
 )
 
 PROBLEM_BASE = "https://commander-ledger.dev/problems/"
+
+
+# Optional members go in a total=False base: NotRequired[...] is not seen in a postponed annotation.
+class _ProblemInput(TypedDict, total=False):
+    field: str  # the input at fault: a parameter, a body member, or "body"
+    errors: list[dict[str, Any]]  # every violation (a JSON pointer or key, and a message)
+
+
+class Problem(_ProblemInput):
+    """RFC 9457 problem details (application/problem+json): the body of every error."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+_MEANINGS = {
+    400: "Bad input: `field` names it, `errors` lists every violation",
+    404: "No such resource",
+    406: "The Accept header takes none of the formats offered",
+    413: "Too large: the body (`field` body), or a command as a Kafka message (`field` data)",
+    422: "The command's data breaks its action's JSON Schema: `errors` has each violation's JSON pointer",
+    503: "Kafka or the ledger is unavailable; nothing was written: retry after `Retry-After` seconds",
+}
+
+
+def problems(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI for the errors a handler answers, each as problem+json (in place of Litestar's own
+    error shape, which this API never sends)."""
+    return {s: ResponseSpec(Problem, description=_MEANINGS[s], media_type="application/problem+json",
+                            generate_examples=False) for s in statuses}
 
 
 def problem(
@@ -35,6 +68,12 @@ def bad_request(
     if field:
         return problem(400, "Bad request", detail, kind=kind, field=field)
     return problem(400, "Bad request", detail, kind=kind)
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages ("got array", not "got list")."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def not_found(what: str) -> ProblemDetailsException:
@@ -78,8 +117,10 @@ def from_http_exception(exc: HTTPException, *, max_body_bytes: int | None = None
     elif exc.status_code == 400 and type(exc) is ClientException:  # the body did not decode
         detail, extra = f"body is not valid JSON: {exc.detail}", {"field": "body"}
         kind = "malformed-json"
-    elif exc.status_code == 413 and max_body_bytes is not None:
-        detail = f"request body is larger than the {max_body_bytes:,}-byte limit"
+    elif exc.status_code == 413:
+        extra = {"field": "body"}
+        if max_body_bytes is not None:
+            detail = f"request body is larger than the {max_body_bytes:,}-byte limit"
     return ProblemDetailsException(
         status_code=exc.status_code, title=_TITLES.get(exc.status_code, "Error"), detail=detail,
         type_=PROBLEM_BASE + kind, headers=exc.headers, extra=extra or None,

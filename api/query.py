@@ -14,9 +14,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from litestar import Controller, Request, Response, get, post
-from litestar.params import Body
 
-from api.errors import bad_request, not_found, problem
+from api.errors import bad_request, json_type, not_found, problem, problems
 from api.records import instant_param, record_json, time_param
 from api.services import Services  # Litestar reads handler annotations at runtime
 
@@ -93,7 +92,7 @@ def _encoded(table: pa.Table, accept: str) -> Response[Any]:
 class QueryController(Controller):
     tags = ["query"]
 
-    @get("/entities/{entity_id:str}")
+    @get("/entities/{entity_id:str}", responses=problems(400, 404))
     async def entity(
         self, services: Services, entity_id: str, as_of: str | None = None, valid_at: str | None = None,
     ) -> dict[str, Any]:
@@ -107,7 +106,7 @@ class QueryController(Controller):
         state, attribute_tx = found
         return {"id": entity_id, "as_of_tx": db.basis_tx, "state": state, "attribute_tx": attribute_tx}
 
-    @get("/entities/{entity_id:str}/history")
+    @get("/entities/{entity_id:str}/history", responses=problems(400))
     async def history(
         self, services: Services, entity_id: str, since: str | None = None, until: str | None = None,
     ) -> dict[str, Any]:
@@ -121,7 +120,7 @@ class QueryController(Controller):
              "valid_time": d.valid_time.isoformat(), "record_id": d.record_id} for d in datoms
         ]}
 
-    @get("/tx/{t:str}")
+    @get("/tx/{t:str}", responses=problems(400, 404))
     async def transaction(self, services: Services, t: str) -> dict[str, Any]:
         """One transaction (a tx number): metadata, hash and records."""
         if not (t.isascii() and t.isdigit() and len(t) <= 18):
@@ -131,7 +130,7 @@ class QueryController(Controller):
             raise not_found(f"tx {t}")
         return _tx_json(txs[0])
 
-    @get("/tx")
+    @get("/tx", responses=problems(400))
     async def tx_range(
         self, services: Services, since: str | None = None, until: str | None = None, limit: int = 100,
         cursor: int | None = None,
@@ -149,17 +148,13 @@ class QueryController(Controller):
         more = bool(txs) and txs[-1].tx < (lg.head.tx if high is None else high)
         return {"items": [_tx_json(t) for t in txs], "next_cursor": txs[-1].tx if more else None}
 
-    @post("/query", status_code=200)
+    @post("/query", status_code=200, responses=problems(400, 406, 413))
     async def query(
-        self, request: Request[Any, Any, Any], services: Services, data: Any = Body(),  # noqa: B008
+        self, request: Request[Any, Any, Any], services: Services, data: Any = None,
     ) -> Response[Any]:
         """Run one read-only SELECT over the ledger's relations, as of a tx or instant."""
         fmt = result_format(request)
-        if not isinstance(data, dict) or not isinstance(data.get("sql"), str):
-            raise bad_request("body must be an object with a string 'sql'", field="sql")
-        unknown = sorted(set(data) - {"sql", "params", "as_of", "valid_at", "limit"})
-        if unknown:
-            raise bad_request(f"unknown field {unknown[0]!r}", field=unknown[0])
+        data = sql_body(data, {"sql", "params", "as_of", "valid_at", "limit"})
         limit = data.get("limit", 10_000)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_ROWS:
             raise bad_request(f"limit must be an integer between 1 and {MAX_ROWS}", field="limit")
@@ -176,6 +171,20 @@ class QueryController(Controller):
             valid_at=instant_param(valid_at, "valid_at"), params=params, limit=limit,
         )
         return table_response(table, fmt)
+
+
+def sql_body(data: Any, fields: set[str]) -> dict[str, Any]:
+    """The decoded JSON body (None when empty) as an object with a string `sql` and no field but
+    `fields`; else 400 naming the field at fault."""
+    if not isinstance(data, dict):
+        raise bad_request(f"body must be a JSON object with a string 'sql', got {json_type(data)}",
+                          field="body")
+    if not isinstance(data.get("sql"), str):
+        raise bad_request("body must be an object with a string 'sql'", field="sql")
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise bad_request(f"unknown field {unknown[0]!r}", field=unknown[0])
+    return data
 
 
 def _tx_json(t: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from referencing.exceptions import Unresolvable
 
-from api.errors import bad_request, problem
+from api.errors import bad_request, json_type, problem
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -99,22 +99,78 @@ def _remote_ref(schema: object) -> str | None:
     return next((r for r in _refs(schema) if r.split("#")[0] not in ids | {""}), None)
 
 
+def _tokens(pointer: str) -> list[str]:
+    """An RFC 6901 JSON pointer's reference tokens: "/a~1b/c~0d" is ["a/b", "c~d"]."""
+    return [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
+
+
+_MISSING = object()
+_INDEX = re.compile(r"0|[1-9][0-9]*")  # an array index in a pointer: ASCII digits, no leading zero
+
+
+def _follow(document: object, tokens: list[str]) -> object:
+    """What the tokens point to in the document, or _MISSING."""
+    for token in tokens:
+        if isinstance(document, dict) and token in document:
+            document = document[token]
+        elif isinstance(document, list) and _INDEX.fullmatch(token) and int(token) < len(document):
+            document = document[int(token)]
+        else:
+            return _MISSING
+    return document
+
+
 def _dangling_ref(schema: object) -> str | None:
     """The first `#/...` $ref whose JSON pointer finds nothing in the schema, if any."""
     for node in _subschemas(schema):
         ref = node.get("$ref")
-        if not isinstance(ref, str) or not ref.startswith("#/"):
-            continue
-        target: object = schema
-        for part in ref[2:].split("/"):
-            key = part.replace("~1", "/").replace("~0", "~")
-            if isinstance(target, dict) and key in target:
-                target = target[key]
-            elif isinstance(target, list) and key.isdigit() and int(key) < len(target):
-                target = target[int(key)]
-            else:
-                return ref
+        if isinstance(ref, str) and ref.startswith("#/") and _follow(schema, _tokens(ref[1:])) is _MISSING:
+            return ref
     return None
+
+
+def _entity_key_error(schema: dict[str, Any]) -> str | None:
+    """Why the schema's `x-entity-key` cannot name a Kafka key, if it cannot. It must be an RFC 6901
+    pointer into data ("/account", "/customer/id"; in a name "~1" stands for "/" and "~0" for "~"),
+    and the schema must allow a string or a number there. Only `properties`, `additionalProperties`
+    and `type` are followed; past anything else ($ref, patternProperties, arrays) it is trusted."""
+    if "x-entity-key" not in schema:
+        return None
+    pointer = schema["x-entity-key"]
+    if not isinstance(pointer, str) or not pointer.startswith("/"):
+        return f"x-entity-key {pointer!r} must be a JSON pointer into data, such as \"/account\""
+    if re.search(r"~(?![01])", pointer):
+        return f"x-entity-key {pointer!r}: in a name, '~' is written '~0' and '/' is written '~1'"
+    node: object = schema
+    for token in _tokens(pointer):
+        if node is False:
+            break
+        if not isinstance(node, dict):  # `true`: anything goes below
+            return None
+        if (types := _types(node)) is not None and "object" not in types:
+            if "array" in types:
+                return None
+            return f"x-entity-key {pointer!r} looks for {token!r} inside a {' or '.join(types)} value"
+        properties = node.get("properties")
+        if isinstance(properties, dict) and token in properties:
+            node = properties[token]
+        elif "patternProperties" in node:
+            return None
+        else:
+            node = node.get("additionalProperties", True)
+    if node is False:
+        return f"x-entity-key {pointer!r} points to a member the schema does not allow"
+    types = _types(node) if isinstance(node, dict) else None
+    if types is not None and not {"string", "integer", "number"} & set(types):
+        return (f"x-entity-key {pointer!r} points to a {' or '.join(types)} value; a key is a string "
+                "or an integer")
+    return None
+
+
+def _types(node: dict[str, Any]) -> list[str] | None:
+    """A schema's `type` as a list; None when it does not say."""
+    types = node.get("type")
+    return [types] if isinstance(types, str) else types if isinstance(types, list) else None
 
 
 class SchemaRegistry:
@@ -133,6 +189,8 @@ class SchemaRegistry:
                     except SchemaError as e:  # accepted before these checks: check() will say why
                         log.warning("schema %s: %s", path, e.message)
                         self._validators[path.stem] = Draft202012Validator(schema)
+                    if isinstance(schema, dict) and (why := _entity_key_error(schema)):
+                        log.warning("schema %s: %s; its commands are keyed by their ids", path, why)
 
     def _install(self, action: str, schema: dict[str, Any]) -> None:
         Draft202012Validator.check_schema(schema)
@@ -161,7 +219,9 @@ class SchemaRegistry:
         if not ACTION.match(action):
             raise bad_request(f"action {action!r} must match {ACTION.pattern}", field="action")
         if not isinstance(schema, dict):
-            raise bad_request("a schema must be a JSON object", field="schema")
+            raise bad_request(f"body must be a JSON Schema object, got {json_type(schema)}", field="body")
+        if why := _entity_key_error(schema):
+            raise bad_request(why, field="x-entity-key")
         try:
             self._install(action, schema)
         except SchemaError as e:
@@ -197,13 +257,13 @@ class SchemaRegistry:
                           kind="schema-violation", errors=violations)
 
     def entity_key(self, action: str, data: dict[str, Any]) -> str | None:
+        """The Kafka key `x-entity-key` picks from the command's data: the string or integer there.
+        None (the caller keys the command by its own id) when the action has no such pointer, or
+        this data has nothing there or something else (an object, a float, a boolean, null): the
+        schema may leave the member optional, and a command it accepts is not refused for its key."""
         v = self._validators.get(action)
         pointer = None if v is None else v.schema.get("x-entity-key")
-        if not isinstance(pointer, str):
+        if not isinstance(pointer, str) or not pointer.startswith("/"):  # (refused by put)
             return None
-        value: Any = data
-        for part in pointer.strip("/").split("/"):
-            if not isinstance(value, dict) or part not in value:
-                return None
-            value = value[part]
+        value = _follow(data, _tokens(pointer))
         return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None

@@ -55,6 +55,8 @@ class Settings:
     # Materialized views that cannot follow the log incrementally are rebuilt when stale, at most
     # this often (and at most a tenth of the time); 0 turns that off.
     view_refresh_s: float = field(default_factory=lambda: float(_env("LEDGER_VIEW_REFRESH_S", "60")))
+    # An idle /updates stream sends a keep-alive comment this often (proxies drop silent connections).
+    sse_keepalive_s: float = field(default_factory=lambda: float(_env("LEDGER_SSE_KEEPALIVE_S", "15")))
     produce_timeout: float = 5.0
     # How long a fetch may wait for data. Kafka answers as soon as data arrives, so this mostly
     # bounds idle polling; the bundled broker stalls if a fetch needs longer than this.

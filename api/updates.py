@@ -11,17 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 from litestar import Request, WebSocket, get, websocket
 from litestar.exceptions import WebSocketDisconnect
+from litestar.openapi import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from api.errors import bad_request
+from api.errors import bad_request, problems
 from api.records import list_records, parse_position
 from api.services import Services  # Litestar reads handler annotations at runtime
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-
-KEEPALIVE_SECONDS = 15.0
 
 
 async def record_stream(
@@ -37,7 +36,7 @@ async def record_stream(
             position = (item["tx"], item["seq"])
             yield item
         if len(items) < 500:
-            if not await services.notifier.wait_past(upto, KEEPALIVE_SECONDS):
+            if not await services.notifier.wait_past(upto, services.settings.sse_keepalive_s):
                 yield {}  # keep-alive
 
 
@@ -55,18 +54,25 @@ def _start(
     return parse_position(str(services.notifier.tx), "after_tx")
 
 
-@get("/updates", tags=["updates"])
+@get("/updates", tags=["updates"], responses={
+    200: ResponseSpec(str, media_type="text/event-stream", generate_examples=False,
+                      description="`record` events (data: the record as JSON) and `: keep-alive` comments"),
+    **problems(400),
+})
 async def sse_updates(
     request: Request[Any, Any, Any], services: Services, kind: str | None = None,
     action: list[str] | None = None, after_tx: str | None = None,
 ) -> ServerSentEvent:
-    """Server-Sent Events: one `record` event per record, id `TX.SEQ`; resume with Last-Event-ID."""
+    """Server-Sent Events: one `record` event per record, id `TX.SEQ`; resume with Last-Event-ID.
+    The same stream is a WebSocket at the same path (`ws://.../updates`, which OpenAPI cannot
+    describe): one JSON text frame per record, resume with `?after_tx=TX.SEQ`; a bad parameter is
+    one problem+json frame, then close code 1008."""
     after = _start(services, request.headers.get("last-event-id"), after_tx, kind)
 
     async def messages() -> AsyncIterator[ServerSentEventMessage]:
         async for item in record_stream(services, after, kind, action):
-            if not item:
-                yield ServerSentEventMessage(comment="keep-alive")
+            if not item:  # a comment line alone: with a data line, EventSource dispatches an empty message
+                yield ServerSentEventMessage(comment="keep-alive", data=None)
                 continue
             yield ServerSentEventMessage(
                 data=json.dumps(item), event="record", id=f"{item['tx']}.{item['seq']}"

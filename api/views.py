@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, post, put
-from litestar.params import Body, QueryParameter
+from litestar.params import QueryParameter
 from litestar.response import Stream
 
-from api.errors import bad_request, not_found
-from api.query import MAX_ROWS, _plain, result_format, table_response
+from api.errors import bad_request, not_found, problems
+from api.query import MAX_ROWS, _plain, result_format, sql_body, table_response
 from api.records import instant_param, time_param
 from api.services import Services  # Litestar reads handler annotations at runtime
 from ledger import views
@@ -52,14 +52,10 @@ class ViewController(Controller):
         items = [await asyncio.to_thread(views.describe, lg, n) for n in sorted(defs)]
         return {"tx": lg.head.tx, "items": items}
 
-    @put("/{name:str}")
-    async def define(self, services: Services, name: str, data: Any = Body()) -> Response[Any]:  # noqa: B008
+    @put("/{name:str}", responses=problems(400, 413))
+    async def define(self, services: Services, name: str, data: Any = None) -> Response[Any]:
         """Define or replace a view (validated by a dry run): 201 new, 200 replaced."""
-        if not isinstance(data, dict) or not isinstance(data.get("sql"), str):
-            raise bad_request("body must be an object with a string 'sql'", field="sql")
-        unknown = sorted(set(data) - {"sql", "description"})
-        if unknown:
-            raise bad_request(f"unknown field {unknown[0]!r}", field=unknown[0])
+        data = sql_body(data, {"sql", "description"})
         description = data.get("description") or ""
         if not isinstance(description, str):
             raise bad_request("'description' must be a string", field="description")
@@ -75,12 +71,12 @@ class ViewController(Controller):
         return Response(body, status_code=201 if created else 200,
                         headers={"Location": f"/views/{name}"} if created else None)
 
-    @get("/{name:str}")
+    @get("/{name:str}", responses=problems(400, 404))
     async def show(self, services: Services, name: str) -> dict[str, Any]:
         """The view's definition, its version tx, and its materialization status and progress."""
         return await asyncio.to_thread(_describe, services, name)
 
-    @delete("/{name:str}", status_code=204)
+    @delete("/{name:str}", status_code=204, responses=problems(400, 404))
     async def drop(self, services: Services, name: str) -> None:
         """Drop the view (its past definitions stay in the ledger and still answer as-of reads)."""
         try:
@@ -88,7 +84,7 @@ class ViewController(Controller):
         except UnknownView as e:
             raise not_found(f"view {name!r}") from e
 
-    @get("/{name:str}/rows")
+    @get("/{name:str}/rows", responses=problems(400, 404, 406))
     async def rows(
         self, request: Request[Any, Any, Any], services: Services, name: str, as_of: str | None = None,
         valid_at: str | None = None, definition: str = "as_of", limit: int = 10_000,
@@ -107,7 +103,7 @@ class ViewController(Controller):
             raise not_found(f"view {name!r}" + (f" as of {as_of}" if as_of else "")) from e
         return table_response(table, fmt)
 
-    @post("/{name:str}/rebuild", status_code=202)
+    @post("/{name:str}/rebuild", status_code=202, responses=problems(400, 404))
     async def rebuild(self, services: Services, name: str) -> Response[Any]:
         """Rebuild the materialization from the full log in the background; poll GET /views/{name}."""
         lg = services.ledger
@@ -122,7 +118,7 @@ class ViewController(Controller):
         body = await asyncio.to_thread(_describe, services, name)
         return Response(body, status_code=202, headers={"Location": f"/views/{name}"})
 
-    @get("/{name:str}/changes")
+    @get("/{name:str}/changes", responses=problems(400, 404))
     async def changes(
         self, services: Services, name: str, since: Annotated[str, QueryParameter(name="from")],
         until: Annotated[str | None, QueryParameter(name="to")] = None, definition: str = "as_of",

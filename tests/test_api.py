@@ -446,3 +446,123 @@ def test_a_websocket_client_that_leaves_an_idle_stream_is_let_go(tmp_path: Path)
         srv.stop()
     assert "graceful shutdown exceeded" not in srv.tail() and "CancelledError" not in srv.tail()
     assert time.monotonic() - started < 8  # the graceful-shutdown timeout is 10 s
+
+
+def test_an_sse_keep_alive_is_a_comment_that_dispatches_no_event(tmp_path: Path) -> None:
+    """A keep-alive with a `data:` line (Litestar's default for a comment) makes EventSource
+    dispatch an empty message event: it must be the comment line alone."""
+    env = {"LEDGER_SSE_KEEPALIVE_S": "0.2", "LEDGER_KAFKA_BOOTSTRAP": ""}  # bundled broker
+    srv = Server(tmp_path / "data", env=env).start()
+    try:
+        with httpx.stream("GET", srv.url + "/updates", params={"action": "never-sent"}, timeout=30) as resp:
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            received = b""
+            for chunk in resp.iter_bytes():
+                received += chunk.replace(b"\r\n", b"\n")
+                if received.count(b"\n\n") >= 2:
+                    break
+        assert received.split(b"\n\n")[:2] == [b": keep-alive", b": keep-alive"], received
+    finally:
+        srv.stop()
+
+
+def test_every_json_body_endpoint_names_the_body_when_the_body_is_at_fault(server: Server) -> None:
+    """Malformed JSON, an empty body, a body that is no JSON object and one over the size limit
+    are problems with field "body" (POST /commands and every 413 named no field)."""
+    too_big = b"x" * ((1 << 20) + 1)
+    endpoints = [("POST", "/commands"), ("POST", "/query"), ("PUT", "/views/v"), ("PUT", "/schemas/a")]
+    for method, path in endpoints:
+        for content, status in [(b'{"sql": ', 400), (b"", 400), (b"[1, 2]", 400), (b'"x"', 400),
+                                (b"null", 400), (too_big, 413)]:
+            resp = httpx.request(method, server.url + path, content=content, timeout=10)
+            body = assert_problem(resp, status)
+            assert body.get("field") == "body", (method, path, content[:10], body)
+            assert "data" not in body["detail"].split(":")[0], body  # not Litestar's name for the body
+    resp = httpx.put(server.url + "/schemas/a", json=True)  # a JSON Schema may be a boolean; not here
+    assert assert_problem(resp, 400)["field"] == "body"
+
+
+def test_x_entity_key_is_an_rfc6901_pointer_checked_when_the_schema_is_put(server: Server) -> None:
+    schema = {"type": "object", "properties": {
+        "a/b": {"type": "string"}, "m~n": {"type": "integer"}, "x": {},
+        "acct": {"type": "object", "properties": {"id": {"type": "string"}}},
+    }}
+
+    def key_of(action: str, data: dict[str, Any]) -> tuple[str, str]:
+        resp = post_command(server, {"action": action, "data": data})
+        assert resp.status_code == 202, resp.text
+        url = server.url + resp.headers["location"]
+        got = wait_for(lambda: (r := httpx.get(url)).status_code == 200 and r)
+        return got.json()["key"], resp.json()["id"]
+
+    for pointer, data, key in [("/a~1b", {"a/b": "k-1"}, "k-1"), ("/m~0n", {"m~n": 42}, "42"),
+                               ("/acct/id", {"acct": {"id": "k-3"}}, "k-3"), ("/x", {"x": "k-4"}, "k-4")]:
+        resp = httpx.put(server.url + "/schemas/keyed", json={**schema, "x-entity-key": pointer})
+        assert resp.status_code == 200, resp.text
+        assert key_of("keyed", data)[0] == key, pointer
+    # Valid, but this command's data has nothing usable there: the command's own id is its key.
+    for data in ({}, {"x": {"nested": 1}}, {"x": 1.5}, {"x": True}, {"x": None}):
+        key, command_id = key_of("keyed", data)
+        assert key == command_id, data
+
+    strict = {**schema, "additionalProperties": False}
+    # Refused: not a pointer, a bad escape, a member the schema forbids, inside a string, an object.
+    for bad in (5, None, "", "x", "a/b", "/a~2", "/a~", "/nope", "/a~1b/c", "/acct"):
+        resp = httpx.put(server.url + "/schemas/badly-keyed", json={**strict, "x-entity-key": bad})
+        detail = assert_problem(resp, 400)["detail"]
+        assert resp.json()["field"] == "x-entity-key" and "x-entity-key" in detail, (bad, detail)
+    assert httpx.get(server.url + "/schemas/badly-keyed").status_code == 404  # nothing was stored
+    # Where the schema does not settle it (acct allows other members), the pointer is trusted.
+    ok = httpx.put(server.url + "/schemas/badly-keyed", json={**strict, "x-entity-key": "/acct/other"})
+    assert ok.status_code == 200, ok.text
+
+
+def _resolve(doc: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        target: Any = doc
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def test_openapi_describes_the_real_requests_and_responses(server: Server) -> None:
+    doc = httpx.get(server.url + "/schema/openapi.json").json()
+    paths = doc["paths"]
+
+    def problem_shape(response: dict[str, Any]) -> dict[str, Any]:
+        assert list(response["content"]) == [PROBLEM], response
+        return _resolve(doc, response["content"][PROBLEM]["schema"])
+
+    submit = paths["/commands"]["post"]
+    body = _resolve(doc, submit["requestBody"]["content"]["application/json"]["schema"])
+    assert sorted(body["required"]) == ["action", "data"] and body["additionalProperties"] is False
+    assert sorted(body["properties"]) == ["action", "data", "system", "user"]
+    assert body["properties"]["data"]["type"] == "object"
+    responses = submit["responses"]
+    assert sorted(responses) == ["201", "202", "400", "413", "422", "503"]
+    assert "location" in {h.lower() for h in responses["202"]["headers"]}
+    for status in ("201", "202"):
+        accepted = _resolve(doc, responses[status]["content"]["application/json"]["schema"])
+        assert {"id", "topic", "partition", "offset", "status"} <= set(accepted["properties"]), accepted
+    for status in ("400", "413", "422", "503"):
+        shape = problem_shape(responses[status])
+        assert {"type", "title", "status", "detail"} <= set(shape["required"])
+        assert {"field", "errors"} <= set(shape["properties"])
+
+    for path in ("/commands/{command_id}", "/events/{event_id}", "/schemas/{action}", "/entities/{entity_id}",
+                 "/tx/{t}", "/views/{name}", "/views/{name}/rows"):
+        problem_shape(paths[path]["get"]["responses"]["404"])
+    # No error is described in Litestar's own shape (status_code, detail, extra): they are all problems
+    # (but /ready's 503, the readiness report; /export is not covered here yet).
+    for path, item in paths.items():
+        if path in ("/ready", "/export"):
+            continue
+        for method, op in item.items():
+            for status, response in op["responses"].items():
+                if int(status) >= 400:
+                    assert list(response["content"]) == [PROBLEM], (method, path, status)
+
+    sse = paths["/updates"]["get"]
+    assert "WebSocket" in sse["description"] and "Last-Event-ID" in sse["description"]
+    assert list(sse["responses"]["200"]["content"]) == ["text/event-stream"]
