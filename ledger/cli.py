@@ -26,7 +26,7 @@ import pyarrow.csv as pa_csv
 from ledger.errors import InvalidTime, LedgerError
 from ledger.ledger import Ledger
 from ledger.records import to_utc
-from ledger.temporal import check_time_point
+from ledger.temporal import JSON_TYPE, check_time_point
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -212,8 +212,13 @@ def write_csv(table: pa.Table) -> None:
 
 
 def write_json(table: pa.Table) -> None:
-    """JSON Lines: one object per row, so output streams and pipes into jq row by row."""
+    """JSON Lines: one object per row, so output streams and pipes into jq row by row. JSON columns
+    (data, state, ...) are JSON values in it, not text holding JSON (as in POST /query's JSON)."""
+    json_columns = {f.name for f in table.schema if f.metadata == JSON_TYPE}
     for row in table.to_pylist():
+        for name in json_columns:
+            if row[name] is not None:
+                row[name] = json.loads(row[name])
         sys.stdout.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
 
 

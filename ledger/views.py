@@ -434,10 +434,30 @@ _NOT_A_FILTER = frozenset({
     "group", "order", "having", "distinct", "join", "limit", "offset", "union", "except", "intersect",
     "qualify", "over", "window", "with", "recursive", "pivot", "unpivot", "sample", "using",
     "lateral", "tablesample", "for", "system_time", "select", "from", "exists", "in", "any", "all",
-    "now", "current_timestamp", "current_date", "current_time", "get_current_timestamp", "today",
-    "transaction_timestamp", "random", "uuid", "gen_random_uuid", "nextval", "currval", "setseed",
-    "localtimestamp", "localtime", "current_setting", "row_number", "rowid",
+    "row_number", "rowid",
 })
+
+
+def _unrepeatable() -> frozenset[str]:
+    """Functions whose value is not a function of their arguments: chance, sequences and the
+    session (DuckDB says they have side effects), the clock (only "consistent within a query" to
+    DuckDB, like the date parts of a TIMESTAMPTZ, so listed here; `age(t)` is the age now), and
+    the macros over them (`ago`)."""
+    clock = {"now", "today", "current_timestamp", "current_date", "current_time", "localtimestamp",
+             "localtime", "current_localtimestamp", "current_localtime", "get_current_timestamp",
+             "get_current_time", "transaction_timestamp", "age", "current_setting", "getvariable",
+             "txid_current"}
+    with duckdb.connect() as con:
+        volatile = {name for (name,) in con.execute(
+            "SELECT DISTINCT lower(function_name) FROM duckdb_functions() WHERE has_side_effects"
+        ).fetchall()}
+        macros = con.execute("SELECT DISTINCT lower(function_name), macro_definition FROM duckdb_functions() "
+                             "WHERE macro_definition IS NOT NULL").fetchall()
+    names = clock | volatile
+    return frozenset(names | {name for name, body in macros if _idents(body) & names})
+
+
+_UNREPEATABLE = _unrepeatable()
 _FILTER = re.compile(
     r"\s*select\s+(?P<proj>.+?)\s+from\s+(?:log|commands|events)(?:\s+(?:as\s+)?[a-z_][a-z0-9_]*)?"
     r"(?:\s+where\s+(?P<cond>.+?))?\s*",
@@ -450,7 +470,8 @@ def incremental(sql: str) -> bool:
     as of T are then its rows as of M plus its rows over the records with M < tx <= T.
 
     Conservative: anything that might aggregate, join, look at other rows, or depend on the
-    clock counts as not incremental."""
+    clock or on chance counts as not incremental (the file's rows would keep the value of their
+    own evaluation: a rebuild evaluates them again)."""
     m = _FILTER.fullmatch(sql)
     if m is None:
         return False
@@ -460,7 +481,7 @@ def incremental(sql: str) -> bool:
     except duckdb.Error:
         return False
     words = _idents(m.group("proj") + " " + (m.group("cond") or ""))
-    return not (words & _NOT_A_FILTER or words & _AGGREGATES)
+    return not (words & _NOT_A_FILTER or words & _AGGREGATES or words & _UNREPEATABLE)
 
 
 def _dir(root: Path, name: str) -> Path:

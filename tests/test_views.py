@@ -313,6 +313,29 @@ def test_incremental_detection_is_conservative(sql: str, expected: bool) -> None
     assert v.incremental(sql) is expected
 
 
+@pytest.mark.parametrize("call", [
+    "uuid()", "uuidv4()", "uuidv7()", "gen_random_uuid()", "random()", "setseed(0.5)", "nextval('s')",
+    "setval('s', 1)", "now()", "current_timestamp", "current_date", "current_time", "localtimestamp",
+    "current_localtimestamp()", "current_localtime()", "today()", "get_current_timestamp()",
+    "get_current_time()", "transaction_timestamp()", "age(tx_time)", "ago('1 hour')",
+    "pg_postmaster_start_time()", "current_setting('TimeZone')", "getvariable('x')", "txid_current()",
+])
+def test_a_filter_calling_the_clock_or_chance_is_not_incremental(call: str) -> None:
+    # Kept fresh incrementally, its old rows would keep the value of their own evaluation.
+    assert not v.incremental(f"SELECT tx, {call} AS x FROM events")
+    assert not v.incremental(f"SELECT tx FROM log WHERE {call} IS NOT NULL")
+
+
+def test_a_materialized_view_over_a_moving_window_is_stale_not_incremental(lg: Ledger) -> None:
+    deposit(lg, "a", 1)
+    v.define_view(lg, "last_second", "SELECT tx FROM events WHERE tx_time > ago('1 second')")
+    assert v.rebuild(lg, "last_second")["rows"] == 2 and not v.status(lg, "last_second")["incremental"]
+    time.sleep(1.1)  # the first deposit leaves the window
+    t = deposit(lg, "a", 2)
+    assert v.status(lg, "last_second")["state"] == "stale"
+    assert lg.sql("SELECT tx FROM last_second").to_pylist() == [{"tx": t}]  # the SQL, not file + delta
+
+
 # ---------------------------------------------------------------------------------- property
 SHAPES = {
     # name: (view definitions in order, oracle over the log with no views)
