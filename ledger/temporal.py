@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ledger.datoms import attributes
 from ledger.errors import InvalidQuery, InvalidTime
-from ledger.records import Datom, loads, to_utc
+from ledger.records import Datom, dumps, loads, to_utc
 from ledger.storage.catalog import (
     STATE_COLUMNS,
     TAIL_TABLES,
@@ -349,6 +349,10 @@ class Database:
                 if timer is not None:
                     timer.cancel()
 
+        if ast is not None and plan is None and not past and progress is None and self._ledger.indexed:
+            found = _point_lookup(ast, params)
+            if found is not None and (table := self._lookup(*found, pin)) is not None:
+                return _limited(table, limit)
         try:
             if ast is not None:
                 # A plain SELECT: the relations go in as leading CTEs (creating temp views costs
@@ -379,6 +383,29 @@ class Database:
         except duckdb.Error as e:
             raise InvalidQuery((plan and plan.explain(str(e))) or str(e).strip()) from e
         return _limited(table, limit)
+
+    def _lookup(self, e: str, columns: list[tuple[str, str]], pin: Pin) -> pa.Table | None:
+        """The rows of `SELECT columns FROM entities WHERE e = x`, computed here from the entity
+        index as the SQL of `entities` does (DuckDB's planning alone costs ~10x more); None when
+        a value's JSON text could differ from the text DuckDB writes (see _plain_json)."""
+        latest: dict[str, tuple[Any, ...]] = {}
+        by_valid = pin.valid_at is not None
+        for a, v, _op, tx, seq, vus, tus, _rid in self._datoms_of(e, pin):
+            order = (vus, tx, seq) if by_valid else (tx, seq)
+            if a not in latest or order > latest[a][0]:
+                latest[a] = (order, v, tx, tus)
+        held = sorted((a, v) for a, (_, v, _, _) in latest.items() if v is not None)
+        if not all(_plain_json(a) and _plain_json(v) for a, v in held):
+            return None
+        rows: dict[str, list[Any]] = {"e": [], "state": [], "tx": [], "tx_time": []}
+        if held:  # an entity holding no attribute has no row
+            rows["e"].append(e)
+            rows["state"].append("{" + ",".join(f"{dumps(a)}:{dumps(v)}" for a, v in held) + "}")
+            rows["tx"].append(max(w[2] for w in latest.values()))
+            rows["tx_time"].append(max(w[3] for w in latest.values()))
+        table = pa.table({out: pa.array(rows[col], _ENTITY_COLUMNS[col]) for out, col in columns})
+        json_columns = {out for out, col in columns if col == "state"}
+        return _mark_json(table, json_columns) if json_columns else table
 
     def _from_index(
         self, bodies: dict[str, str], ast: Mapping[str, Any], pin: Pin,
@@ -601,6 +628,91 @@ def _pinned_entities(
             if all(v is not None for v in found):
                 return {v for v in found if v is not None}
     return None
+
+
+# The columns of `entities`, as DuckDB hands them to Arrow.
+_ENTITY_COLUMNS = {"e": pa.string(), "state": pa.string(), "tx": pa.int64(),
+                   "tx_time": pa.timestamp("us", tz="UTC")}
+
+
+def _point_lookup(
+    statement: Mapping[str, Any], params: Sequence[Any] | Mapping[str, Any] | None
+) -> tuple[str, list[tuple[str, str]]] | None:
+    """(entity, [(output name, column)]) when the query is exactly `SELECT e|state|tx|tx_time|*
+    FROM entities [alias] WHERE e = 'x'|$p` (params holding just that value), else None."""
+    node = statement["node"]
+    source = node.get("from_table") or {}
+    if (
+        node.get("type") != "SELECT_NODE" or node.get("modifiers") or node.get("group_expressions")
+        or node.get("group_sets") or any(node.get(k) for k in ("having", "sample", "qualify"))
+        or node.get("aggregate_handling") != "STANDARD_HANDLING" or not _is_entity_table(source)
+        or source["table_name"].lower() != "entities" or source.get("sample")
+        or source.get("at_clause") or source.get("column_name_alias")
+    ):
+        return None
+    names = {"entities", source["alias"].lower()} - {""}
+    where = node.get("where_clause") or {}
+    if where.get("type") != "COMPARE_EQUAL":
+        return None
+    left, right = where["left"], where["right"]
+    expr = right if _column(left, names) == "e" else left if _column(right, names) == "e" else None
+    if expr is None:
+        return None
+    if expr.get("type") == "VALUE_PARAMETER":
+        ident = str(expr["identifier"])
+        if isinstance(params, Mapping):
+            keys = list(params)
+            e = params[keys[0]] if len(keys) == 1 and str(keys[0]).lower() == ident.lower() else None
+        else:
+            e = params[0] if params is not None and len(params) == 1 and ident == "1" else None
+    elif expr.get("type") == "VALUE_CONSTANT" and params is None:
+        e = expr["literal"]["text"] if expr["literal"].get("kind") in ("STRING", "VARCHAR") else None
+    else:
+        e = None
+    if not isinstance(e, str) or "\x00" in e:
+        return None
+    columns = []
+    for item in node.get("select_list", []):
+        if item.get("type") == "STAR" and not any(
+            item.get(k) for k in ("relation_name", "exclude_list", "replace_list", "columns", "expr",
+                                  "qualified_exclude_list", "rename_list")
+        ):
+            columns += [(c, c) for c in _ENTITY_COLUMNS]
+        elif (col := _column(item, names)) in _ENTITY_COLUMNS:
+            columns.append((item.get("alias") or col, col))
+        else:
+            return None
+    if len({out.lower() for out, _ in columns}) != len(columns):
+        return None  # DuckDB renames duplicates
+    return e, columns
+
+
+def _column(expr: Mapping[str, Any], tables: set[str]) -> str | None:
+    """The column a COLUMN_REF names (`c`, or `t.c` with t in `tables`), lower case."""
+    cols = [str(c).lower() for c in expr.get("column_names", ())]
+    if expr.get("type") != "COLUMN_REF" or not cols or cols[:-1] not in ([], *([t] for t in tables)):
+        return None
+    return cols[-1]
+
+
+_INT64 = range(-(2**63), 2**63)
+_ESCAPED = re.compile(r'["\\\x00-\x1f]')
+
+
+def _plain_json(value: object) -> bool:
+    """Whether any JSON writer gives `value` the same compact text: no float (digits vary), no
+    integer beyond 64 bits, no string that needs an escape."""
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return value in _INT64
+    if isinstance(value, str):
+        return _ESCAPED.search(value) is None
+    if isinstance(value, list):
+        return all(_plain_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain_json(k) and _plain_json(v) for k, v in value.items())
+    return False
 
 
 def _is_entity_table(ref: Mapping[str, Any]) -> bool:

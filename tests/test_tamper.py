@@ -163,7 +163,7 @@ def test_entity_state_checkpoint_changed_names_that_tx(copy: Path) -> None:
     row["v"] = "-1"
     pq.write_table(type(table).from_pylist(rows, schema=table.schema), path, compression="zstd")
     with Ledger.open(copy) as lg:
-        query = "select state->>'balance' as b from entities where e = 'acct-1'"
+        query = "select state->>'balance' as b from entities where e like 'acct-1'"  # not from the index
         assert lg.sql(query, as_of=SEALS[-1]).to_pylist() == [{"b": "-1"}]  # what a reader would be told
         r = lg.verify()
     assert (r.ok, r.first_bad_tx, r.checked) == (False, SEALS[-1], SEALS[-1] - 1), r.reason
