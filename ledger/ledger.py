@@ -264,11 +264,10 @@ class Ledger:
             cls._settle_config(con, entity_path, deletion)
             registered = {r[0] for r in con.execute("SELECT dir FROM segments").fetchall()}
             seg.clean_orphans(root, registered)
-            state = next(iter(con.execute("SELECT file FROM entity_state").fetchall()), None)
-            if state is not None and not (root / seg.STATE_DIR / state[0]).exists():
-                con.execute("DELETE FROM entity_state")  # deleted by hand: scan until the next seal
-                state = None
-            seg.clean_states(root, state[0] if state else None)
+            states = {f for (f,) in con.execute("SELECT file FROM entity_state").fetchall()}
+            for gone in sorted(f for f in states if not (root / seg.STATE_DIR / f).exists()):
+                con.execute("DELETE FROM entity_state WHERE file = ?", [gone])  # deleted by hand
+            seg.clean_states(root, states)
             ledger = cls(root, con, read_only=False, seal_every=seal_every)
         except BaseException:
             con.close()
@@ -418,10 +417,9 @@ class Ledger:
             with self._state_lock:  # a seal retiring the checkpoint this snapshot sees waits
                 cur.execute("BEGIN TRANSACTION")
                 dirs = [r[0] for r in cur.execute("SELECT dir FROM segments ORDER BY first_tx").fetchall()]
-                state = next(iter(cur.execute("SELECT tx, file FROM entity_state").fetchall()), None)
-                if state is not None:
-                    self._state_users[state[1]] += 1
-                    files.state = (state[0], str(self.root / seg.STATE_DIR / state[1]))
+                states = cur.execute("SELECT tx, file FROM entity_state ORDER BY tx").fetchall()
+                self._state_users.update(f for _, f in states)
+                files.states = tuple((tx, str(self.root / seg.STATE_DIR / f)) for tx, f in states)
             base = self.root / seg.SEGMENTS_DIR
             files.update({rel: [str(base / d / f"{rel}.parquet") for d in dirs] for rel in RELATIONS})
             yield cur, files
@@ -429,9 +427,9 @@ class Ledger:
             with suppress(duckdb.Error):
                 cur.execute("ROLLBACK")  # reads only; also discards anything a query tried to write
             cur.close()
-            if files.state is not None:
+            if files.states:
                 with self._state_lock:
-                    self._state_users[Path(files.state[1]).name] -= 1
+                    self._state_users.subtract(Path(path).name for _, path in files.states)
                     self._drop_retired_states()
 
     @property
@@ -810,7 +808,8 @@ class Ledger:
                 count = cur.execute(
                     f"SELECT count(*) FROM tail_records WHERE tx BETWEEN {first} AND {last}"
                 ).fetchone()
-                old = next(iter(cur.execute("SELECT tx, file FROM entity_state").fetchall()), None)
+                old = next(iter(cur.execute(
+                    "SELECT tx, file FROM entity_state ORDER BY tx DESC LIMIT 1").fetchall()), None)
                 state = self._write_state(cur, old, first, last)
             finally:
                 cur.close()
@@ -829,16 +828,18 @@ class Ledger:
                         "DELETE FROM offsets o WHERE tx < (SELECT max(tx) FROM offsets l WHERE "
                         "l.consumer = o.consumer AND l.topic = o.topic AND l.partition = o.partition)"
                     )
+                    retire = state is not None and old is not None and self._superseded(old[0])
                     if state is not None:
-                        con.execute("DELETE FROM entity_state")
                         con.execute("INSERT INTO entity_state VALUES (?, ?)", [last, state])
+                    if retire and old is not None:
+                        con.execute("DELETE FROM entity_state WHERE tx = ?", [old[0]])
                     con.execute("COMMIT")
                     self._tail_records = self._tail_count()
                 except BaseException:
                     with suppress(duckdb.Error):
                         con.execute("ROLLBACK")
                     raise
-                if state is not None and old is not None:
+                if retire and old is not None:
                     self._state_retired.add(old[1])
                     self._drop_retired_states()
                 self._write_manifest()
@@ -865,6 +866,11 @@ class Ledger:
             log.exception("the entity state checkpoint at tx %d was not written (entities reads "
                           "scan more datoms until the next seal writes one)", last)
             return None
+
+    def _superseded(self, tx: int) -> bool:
+        """Whether the checkpoint at `tx`, no longer the newest, goes (see seg.KEEP_STATE_EVERY)."""
+        found = self._con.execute("SELECT count(*) FROM segments WHERE last_tx <= ?", [tx]).fetchall()
+        return bool(found[0][0] % seg.KEEP_STATE_EVERY)
 
     def _drop_retired_states(self) -> None:
         """Delete superseded checkpoints no snapshot is reading (caller holds _state_lock)."""
@@ -919,8 +925,8 @@ class Ledger:
                         return check.fail(first, f"segment {d}: {relation}.parquet was modified")
             if check.source(cur, {r: f"tail_{r}" for r in RELATIONS}):
                 check.index_leftovers()
-            if check.bad is None and files.state is not None:
-                _check_state(cur, files, check)
+            if check.bad is None:
+                _check_states(cur, files, check)
         return check.report()
 
     # ------------------------------------------------------------------------------------ info
@@ -941,24 +947,29 @@ class Ledger:
         }
 
 
-def _check_state(cur: duckdb.DuckDBPyConnection, files: Files, check: _ChainCheck) -> None:
-    """The entity state checkpoint against the (already verified) datoms it summarises."""
-    assert files.state is not None
-    at, path = files.state
-    stored = f"SELECT {STATE_COLUMNS} FROM read_parquet({quote(path)})"
-    expected = latest_datoms_sql(union_sql("datoms", files["datoms"], where=f"tx <= {at}"))
-    try:
-        row = cur.execute(
-            f"SELECT count(*), min(tx) FROM (({stored} EXCEPT ALL {expected}) "
-            f"UNION ALL ({expected} EXCEPT ALL {stored}))"
-        ).fetchone()
-    except duckdb.Error as e:
-        check.fail(at, f"the entity state checkpoint at tx {at} cannot be read: {e}")
-        return
-    if row is not None and row[0]:
-        check.fail(min(int(row[1]), at), (
-            f"the entity state checkpoint at tx {at} does not match the datoms (derived data: "
-            f"delete {path} and reopen; the next seal writes a new one)"))
+def _check_states(cur: duckdb.DuckDBPyConnection, files: Files, check: _ChainCheck) -> None:
+    """Each entity state checkpoint against the (already verified) datoms it summarises: the
+    first against a fold of every datom through its tx, each next one against the one before it
+    (checked) folded with the datoms in between."""
+    base, lo = "", 0
+    for at, path in files.states:
+        stored = f"SELECT {STATE_COLUMNS} FROM read_parquet({quote(path)})"
+        newer = union_sql("datoms", files["datoms"], where=f"tx > {lo} AND tx <= {at}")
+        expected = latest_datoms_sql(f"{base}SELECT {STATE_COLUMNS} FROM ({newer})")
+        try:
+            row = cur.execute(
+                f"SELECT count(*), min(tx) FROM (({stored} EXCEPT ALL {expected}) "
+                f"UNION ALL ({expected} EXCEPT ALL {stored}))"
+            ).fetchone()
+        except duckdb.Error as e:
+            check.fail(at, f"the entity state checkpoint at tx {at} cannot be read: {e}")
+            return
+        if row is not None and row[0]:
+            check.fail(min(int(row[1]), at), (
+                f"the entity state checkpoint at tx {at} does not match the datoms (derived data: "
+                f"delete {path} and reopen; the next seal writes a new one)"))
+            return
+        base, lo = f"{stored} UNION ALL ", at
 
 
 def _bytes_under(root: Path) -> int:

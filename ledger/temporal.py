@@ -70,9 +70,10 @@ def relation_views(pin: Pin, files: Files, suffix: str = "") -> dict[str, str]:
         return union_sql(relation, files[relation], where=pin.where(valid=valid))
 
     latest = f"datoms{suffix}"
-    if files.state is not None and pin.since is None and pin.valid_at is None and files.state[0] <= pin.basis:
+    state = files.state_at(pin.basis) if pin.since is None and pin.valid_at is None else None
+    if state is not None:
         # The checkpoint holds the latest datom of each (e, a) through its tx: fold in the newer ones.
-        at, path = files.state
+        at, path = state
         latest = (
             f"(SELECT {STATE_COLUMNS} FROM read_parquet({quote(path)}) "
             f"UNION ALL SELECT {STATE_COLUMNS} FROM datoms{suffix} WHERE tx > {at})"

@@ -14,6 +14,7 @@ still run the real code, only later. Stages, in the order a seal passes them:
   tmp-file   a Parquet file in the `.tmp-` directory is written and fsynced (others may not be)
   tmp-dir    every file is written; the `.tmp-` directory is fsynced but not yet renamed
   renamed    the segment directory has its final name; the catalog does not know it yet
+  state      the entity state checkpoint's `.tmp-` file is written and fsynced, not yet renamed
   committed  the catalog transaction committed; manifest.json has not been rewritten yet
 """
 
@@ -56,7 +57,9 @@ def install_stage(stage: str, rng: random.Random) -> None:
 
     def fsync_path(path: Path) -> None:
         real_fsync(path)
-        if path.parent.name.startswith(".tmp-"):
+        if path.parent.name == segments.STATE_DIR:
+            reached("state")
+        elif path.parent.name.startswith(".tmp-"):
             reached("tmp-file")
         elif path.name.startswith(".tmp-"):
             reached("tmp-dir")

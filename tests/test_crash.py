@@ -19,7 +19,7 @@ from pathlib import Path
 from ledger import Ledger
 
 CHILD = Path(__file__).with_name("crash_child.py")
-STAGES = ("tmp-file", "tmp-dir", "renamed", "committed")
+STAGES = ("tmp-file", "tmp-dir", "renamed", "state", "committed")
 EPOCH = 4  # kills per ledger
 
 
@@ -169,6 +169,7 @@ def check_ledger(root: Path, acks: dict[int, tuple[str, int, int]], why: str) ->
         assert report.ok and report.checked == head, f"{why}: {report}"
     tmp, unregistered = leftovers(root)
     assert not tmp and not unregistered, f"{why}: leftover segment dirs {tmp | unregistered}"
+    assert not list(root.glob("state/.tmp-*")), f"{why}: a checkpoint's .tmp- file was left"
     return head
 
 
@@ -198,8 +199,10 @@ def test_sigkill_never_loses_or_tears_a_transaction(tmp_path: Path) -> None:
             tmp, unlisted = leftovers(root)
             if stage in ("tmp-file", "tmp-dir"):
                 assert tmp and not unlisted, f"{why}: expected a .tmp- segment dir, found {tmp, unlisted}"
-            else:  # renamed: not in the catalog yet; committed: in the catalog, not in the manifest
+            else:  # renamed, state: not in the catalog yet; committed: in the catalog, not the manifest
                 assert unlisted and not tmp, f"{why}: expected an unlisted segment, found {tmp, unlisted}"
+            if stage == "state":
+                assert list((root / "state").glob(".tmp-*")), f"{why}: expected a .tmp- checkpoint"
         check_ledger(root, acks, why)
     total += len(acks)
     assert total > 100, f"only {total} acknowledged transactions; the kills proved little"

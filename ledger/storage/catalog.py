@@ -99,8 +99,7 @@ CATALOG_DDL = [
         consumer VARCHAR NOT NULL, topic VARCHAR NOT NULL, partition INTEGER NOT NULL,
         next_offset BIGINT NOT NULL, generation INTEGER NOT NULL, last_digest VARCHAR,
         tx BIGINT NOT NULL)""",
-    # The entity state checkpoint (ledger.storage.segments.write_state) readers may start from:
-    # at most one row, replaced by each seal.
+    # Entity state checkpoints (ledger.storage.segments.write_state) readers may start from.
     "CREATE TABLE IF NOT EXISTS entity_state (tx BIGINT PRIMARY KEY, file VARCHAR NOT NULL)",
     # The unsealed events that name an entity, one row per event (not per datom): `attrs` is the
     # JSON object of the event's attributes (its `data`, or {a: null} for each attribute a
@@ -145,10 +144,14 @@ def latest_datoms_sql(source: str) -> str:
 
 
 class Files(dict[str, list[str]]):
-    """The sealed Parquet files of each relation in one snapshot, and the entity state checkpoint
-    (tx, path) that snapshot may start `entities` from."""
+    """The sealed Parquet files of each relation in one snapshot, and the entity state checkpoints
+    (tx, path), oldest first, that its reads may start `entities` from."""
 
-    state: tuple[int, str] | None = None
+    states: tuple[tuple[int, str], ...] = ()
+
+    def state_at(self, basis: int) -> tuple[int, str] | None:
+        """The newest checkpoint a read as of `basis` can start from."""
+        return next((s for s in reversed(self.states) if s[0] <= basis), None)
 
 
 def tail_datoms_ddl(entity_key: str | None) -> str:

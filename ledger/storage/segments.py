@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 SEGMENTS_DIR = "segments"
 STATE_DIR = "state"  # entity state checkpoints: derived from the datoms, safe to delete when stopped
+# Each seal writes a checkpoint; the one before it is kept only if its segment's number is a
+# multiple of this, so reads as of an older tx start from at most this many segments back.
+KEEP_STATE_EVERY = 8
 MANIFEST = "manifest.json"
 FORMAT = "commander-ledger/3"
 _ROW_GROUP = {"datoms": 16_384}  # small row groups: an entity lookup reads little
@@ -107,12 +110,12 @@ def write_state(con: duckdb.DuckDBPyConnection, root: Path, tx: int, sources: li
     return name
 
 
-def clean_states(root: Path, keep: str | None) -> None:
-    """Remove checkpoints other than the registered one (superseded, or left by a crash)."""
+def clean_states(root: Path, keep: set[str]) -> None:
+    """Remove checkpoints other than the registered ones (superseded, or left by a crash)."""
     folder = root / STATE_DIR
     if folder.is_dir():
         for child in folder.iterdir():
-            if child.name != keep:
+            if child.name not in keep:
                 child.unlink(missing_ok=True)
 
 

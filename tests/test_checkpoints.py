@@ -1,0 +1,60 @@
+"""Entity state checkpoints (state/): each seal writes one, older ones are kept every
+KEEP_STATE_EVERY segments, and `entities` as of any tx starts from the newest at or before it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pyarrow.parquet as pq
+import pytest
+
+from ledger import Ledger
+from ledger.storage import segments as seg
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+STATE = "SELECT e, state, tx, tx_time FROM entities ORDER BY e"
+
+
+def build(root: Path, seals: int) -> Ledger:
+    lg = Ledger.open(root, seal_every=10**9)
+    for n in range(1, seals + 1):  # one tx per segment: tx n is segment n
+        lg.append([
+            {"kind": "event", "action": "set", "data": {"id": f"e{n % 3}", "n": n, f"a{n % 2}": n}},
+            {"kind": "event", "action": "x-deleted" if n == 4 else "set", "data": {"id": "e0", "m": n}},
+        ])
+        lg.seal()
+    lg.append([{"kind": "event", "action": "set", "data": {"id": "e1", "n": 0}}])  # the tail
+    return lg
+
+
+def test_older_checkpoints_are_kept_every_k_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(seg, "KEEP_STATE_EVERY", 2)
+    lg = build(tmp_path / "ledger", seals=5)
+    try:
+        assert sorted(p.name for p in (tmp_path / "ledger" / "state").iterdir()) == [
+            seg.state_name(2), seg.state_name(4), seg.state_name(5)]
+        for t in range(lg.head.tx + 1):
+            with lg.snapshot() as (_, files):
+                start = files.state_at(t)
+            assert start == (None if t < 2 else next(s for s in files.states[::-1] if s[0] <= t))
+            # valid_at reads never start from a checkpoint: the same state from every datom
+            scanned = lg.as_of(t).sql(STATE, valid_at="9999-01-01T00:00:00Z").to_pylist()
+            assert lg.as_of(t).sql(STATE).to_pylist() == scanned, t
+        assert lg.verify().ok
+    finally:
+        lg.close()
+
+
+def test_a_changed_older_checkpoint_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(seg, "KEEP_STATE_EVERY", 2)
+    build(tmp_path / "ledger", seals=5).close()
+    path = tmp_path / "ledger" / "state" / seg.state_name(2)
+    table = pq.read_table(path)
+    rows = [r for r in table.to_pylist() if not (r["e"] == "e0" and r["a"] == "m")]  # drop one
+    pq.write_table(type(table).from_pylist(rows, schema=table.schema), path)
+    with Ledger.open(tmp_path / "ledger") as lg:
+        r = lg.verify()
+    assert (r.ok, r.first_bad_tx) == (False, 2), r.reason
+    assert r.reason is not None and "checkpoint at tx 2" in r.reason
