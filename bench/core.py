@@ -300,6 +300,8 @@ class LedgerSystem(System):
             for f in segs.rglob("*.parquet"):
                 key = f"segments/{f.name}"
                 out[key] = out.get(key, 0) + f.stat().st_size
+        for f in (self.path / "state").glob("*.parquet"):  # entity state checkpoints
+            out["state/"] = out.get("state/", 0) + f.stat().st_size
         return out
 
     def close(self, drop: bool) -> None:
