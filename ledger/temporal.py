@@ -651,7 +651,7 @@ def _point_lookup(
         or source.get("at_clause") or source.get("column_name_alias")
     ):
         return None
-    names = {"entities", source["alias"].lower()} - {""}
+    names = {source["alias"].lower() or "entities"}  # with an alias, only it names the table
     where = node.get("where_clause") or {}
     if where.get("type") != "COMPARE_EQUAL":
         return None

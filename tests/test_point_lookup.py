@@ -110,6 +110,8 @@ def test_the_index_answers_plain_values_and_leaves_the_rest_to_duckdb(tmp_path: 
         lg.sql("SELECT state FROM entities WHERE e = 'a' AND tx > 0")  # not a point lookup
         with pytest.raises(InvalidQuery, match="excess parameters"):  # DuckDB's error, as before
             lg.sql("SELECT state FROM entities WHERE e = $e", params={"e": "a", "other": 1})
+        with pytest.raises(InvalidQuery, match="not found"):  # an alias hides the table's name
+            lg.sql("SELECT entities.state FROM entities t WHERE t.e = 'a'")
     finally:
         Database._lookup = lookup  # type: ignore[method-assign]
     assert answered == ["a"]  # b holds a float, c a string DuckDB escapes: DuckDB writes those
