@@ -828,19 +828,20 @@ class Ledger:
                         "DELETE FROM offsets o WHERE tx < (SELECT max(tx) FROM offsets l WHERE "
                         "l.consumer = o.consumer AND l.topic = o.topic AND l.partition = o.partition)"
                     )
-                    retire = state is not None and old is not None and self._superseded(old[0])
+                    superseded = state is not None and old is not None and self._superseded(old[0])
+                    retired = old[1] if superseded and old is not None else None
                     if state is not None:
                         con.execute("INSERT INTO entity_state VALUES (?, ?)", [last, state])
-                    if retire and old is not None:
-                        con.execute("DELETE FROM entity_state WHERE tx = ?", [old[0]])
+                    if retired is not None:
+                        con.execute("DELETE FROM entity_state WHERE file = ?", [retired])
                     con.execute("COMMIT")
                     self._tail_records = self._tail_count()
                 except BaseException:
                     with suppress(duckdb.Error):
                         con.execute("ROLLBACK")
                     raise
-                if retire and old is not None:
-                    self._state_retired.add(old[1])
+                if retired is not None:
+                    self._state_retired.add(retired)
                     self._drop_retired_states()
                 self._write_manifest()
                 con.execute("CHECKPOINT")

@@ -71,7 +71,7 @@ def pins(lg: Ledger) -> list[tuple[Database, str | None]]:
     return out
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(txs)
 def test_point_lookup_from_the_index_equals_duckdb(batches: list[tuple[list[dict[str, Any]], bool]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
