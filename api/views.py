@@ -152,7 +152,7 @@ def _rebuild(lg: Any, name: str) -> None:
         log.exception("rebuild of view %s failed", name)
 
 
-@get("/export", tags=["export"])
+@get("/export", tags=["export"], responses=problems(400))
 async def export(services: Services, as_of: str | None = None, tables: str | None = None) -> Stream:
     """A zip of Parquet files (one per relation or view) and manifest.json (tables, row counts,
     and the ledger digest at that tx), readable by plain DuckDB after unzip. Each table's query
