@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import zipfile
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -23,17 +22,11 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from ledger.ledger import Ledger
-    from ledger.temporal import Database, TimePoint
+    from ledger.temporal import TimePoint
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-# DuckDB types Parquet has no form for (INTERVAL, UNION), or that the Arrow route writes wrongly
-# (UHUGEINT wraps, a TIMETZ loses its offset, BIT and BIGNUM become their internal bytes): written
-# as DuckDB's text for them, which casts back exactly; a VARIANT as JSON text.
-_AS_TEXT = frozenset({"INTERVAL", "UHUGEINT", "BIGNUM", "VARINT", "BIT", "TIME WITH TIME ZONE", "UNION"})
-_AS_JSON = frozenset({"VARIANT"})
-# A DuckDB type name as DESCRIBE prints it, in tokens: quoted names, quoted strings, words, marks.
-_TYPE_TOKEN = re.compile(r'"(?:[^"]|"")*"|\'(?:[^\']|\'\')*\'|TIME(?:STAMP)? WITH TIME ZONE|\w+|\S')
+
 
 
 def digest_at(lg: Ledger, tx: int) -> dict[str, Any]:
@@ -65,57 +58,9 @@ def _tables(
             if name in RELATIONS:  # their types all have a Parquet form
                 yield name, "relation", db.sql(f"SELECT * FROM {name}", timeout=timeout)
             else:
-                yield name, "view", db.sql(_portable_select(db, name, timeout), timeout=timeout)
+                yield name, "view", db.sql(views.portable_select(db, name, timeout)[0], timeout=timeout)
 
     return t, each()
-
-
-def _portable_select(db: Database, name: str, timeout: float | None) -> str:
-    """SELECT * FROM the view, with each column of a type in _AS_TEXT or _AS_JSON (at any depth)
-    cast to one Parquet holds."""
-    described = db.sql(f"DESCRIBE SELECT * FROM {views.ident(name)}", timeout=timeout).to_pylist()
-    casts = [f"CAST({views.ident(r['column_name'])} AS {target}) AS {views.ident(r['column_name'])}"
-             for r in described if (target := _portable_type(r["column_type"])) is not None]
-    star = f"* REPLACE ({', '.join(casts)})" if casts else "*"
-    return f"SELECT {star} FROM {views.ident(name)}"
-
-
-def _portable_type(duckdb_type: str) -> str | None:
-    """The type export writes for a DuckDB type (`INTERVAL` -> `VARCHAR`,
-    `STRUCT(a INTERVAL[])` -> `STRUCT(a VARCHAR[])`), or None when it is written as it is."""
-    tokens: list[str] = _TYPE_TOKEN.findall(duckdb_type)
-    pos, changed = 0, False
-
-    def one() -> str:
-        nonlocal pos, changed
-        name, pos = tokens[pos], pos + 1
-        args: list[str] = []
-        if pos < len(tokens) and tokens[pos] == "(":
-            pos += 1
-            while tokens[pos] != ")":
-                if name.upper() in ("STRUCT", "UNION"):  # (field TYPE, ...)
-                    field, pos = tokens[pos], pos + 1
-                    args.append(f"{field} {one()}")
-                elif name.upper() == "MAP":  # (KEY, VALUE)
-                    args.append(one())
-                else:  # DECIMAL(18,3), ENUM('a', 'b'): as they are
-                    args.append(tokens[pos])
-                    pos += 1
-                if tokens[pos] == ",":
-                    pos += 1
-            pos += 1
-        text = name + (f"({', '.join(args)})" if args else "")
-        if name.upper() in _AS_TEXT | _AS_JSON:
-            changed = True
-            text = "VARCHAR" if name.upper() in _AS_TEXT else "JSON"
-        while pos < len(tokens) and tokens[pos] == "[":  # LIST (T[]) or ARRAY (T[3])
-            end = tokens.index("]", pos)
-            text += "".join(tokens[pos:end + 1])
-            pos = end + 1
-        return text
-
-    portable = one()
-    return portable if changed else None
 
 
 def _manifest(t: int, digest: dict[str, Any], entries: dict[str, Any]) -> dict[str, Any]:

@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 
 from ledger.errors import InvalidQuery, InvalidViewName, LedgerError, UnknownView
 from ledger.storage.catalog import CATALOG_DDL, quote, union_sql
+from ledger.storage.parquet_types import portable_type
 from ledger.storage.segments import SEGMENTS_DIR
 from ledger.temporal import (
     DEFAULT_TIMEOUT,
-    JSON_TYPE,
     RELATIONS,
     Database,
     Pin,
@@ -270,16 +270,20 @@ class Plan:
         if mat is None:
             return None
         path, m, incremental = mat
-        # JSON columns are text in Parquet and Arrow; the schema's field metadata says which.
-        casts = ", ".join(f"CAST({ident(f.name)} AS JSON) AS {ident(f.name)}"
-                          for f in pq.read_schema(path) if f.metadata == JSON_TYPE)
-        star = f"* REPLACE ({casts})" if casts else "*"
+        # Columns of a type Parquet cannot hold, and JSON (text in Parquet and Arrow), are cast back
+        # to the type the file's field metadata names.
+        types = {f.name: f.metadata[_DUCKDB_TYPE].decode() for f in pq.read_schema(path)
+                 if f.metadata and _DUCKDB_TYPE in f.metadata}
+        star = _replace(types)
         source = f"SELECT {star} FROM read_parquet({quote(str(path))})"
         if pin.basis == m:
             return source
         if not incremental:
             return None
-        delta = Database(self.ledger, Pin(basis=pin.basis, since=m)).sql(version.sql, timeout=timeout)
+        # The newer rows go through Arrow too, so in the same portable form as the file's.
+        portable = {c: p for c, t in types.items() if (p := portable_type(t)) is not None}
+        sql = f"SELECT {_replace(portable)} FROM ({version.sql}\n)" if portable else version.sql
+        delta = Database(self.ledger, Pin(basis=pin.basis, since=m)).sql(sql, timeout=timeout)
         cur.register(f"_mv_delta_{name}", delta)
         return f"{source} UNION ALL BY NAME SELECT {star} FROM _mv_delta_{name}"
 
@@ -289,6 +293,25 @@ class Plan:
             if re.search(rf"\b{re.escape(name)}\b", error, re.IGNORECASE):
                 return reason
         return None
+
+
+_DUCKDB_TYPE = b"duckdb_type"  # field metadata key: a column's DuckDB type (as JSON_TYPE says JSON)
+
+
+def _replace(casts: Mapping[str, str]) -> str:
+    """`*`, with the columns named cast to the types given."""
+    if not casts:
+        return "*"
+    return f"* REPLACE ({', '.join(f'CAST({ident(c)} AS {t}) AS {ident(c)}' for c, t in casts.items())})"
+
+
+def portable_select(db: Database, name: str, timeout: float | None) -> tuple[str, dict[str, str]]:
+    """SELECT * FROM the view, with each column of a type Parquet cannot hold (at any depth) cast
+    to one it holds; and those columns' DuckDB types, by name."""
+    described = db.sql(f"DESCRIBE SELECT * FROM {ident(name)}", timeout=timeout).to_pylist()
+    original = {r["column_name"]: r["column_type"] for r in described}
+    portable = {c: p for c, t in original.items() if (p := portable_type(t)) is not None}
+    return f"SELECT {_replace(portable)} FROM {ident(name)}", {c: original[c] for c in portable}
 
 
 def _first_line(text: str) -> str:
@@ -588,8 +611,14 @@ def rebuild(
         evaluating = f"evaluating {name} over the log as of tx {m}"
         progress(0.05, evaluating)
         with _using(defs):  # from the log itself, not from any materialization
-            table = lg.as_of(m).sql(f"SELECT * FROM {ident(name)}", timeout=None,
-                                    progress=lambda done: progress(0.05 + 0.75 * done, evaluating))
+            db = lg.as_of(m)
+            select, cast = portable_select(db, name, timeout=None)
+            table = db.sql(select, timeout=None,
+                           progress=lambda done: progress(0.05 + 0.75 * done, evaluating))
+        if cast:  # reads cast them back
+            table = table.cast(pa.schema(
+                [f.with_metadata({_DUCKDB_TYPE: cast[f.name].encode()}) if f.name in cast else f
+                 for f in table.schema], metadata=table.schema.metadata))
         progress(0.8, f"writing {table.num_rows} rows")
         file = f"{m}.parquet"
         _write_atomic(_dir(root, name) / file,
