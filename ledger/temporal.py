@@ -613,9 +613,7 @@ def _pinned_entities(
         return got if isinstance(got, str) and "\x00" not in got else None
 
     def is_e(expr: Mapping[str, Any]) -> bool:
-        cols = [c.lower() for c in expr.get("column_names", ())]
-        return expr.get("type") == "COLUMN_REF" and (cols == ["e"] or (len(cols) == 2 and cols[0] in names
-                                                                        and cols[1] == "e"))
+        return _column(expr, names) == "e"
 
     where = node.get("where_clause") or {}
     conjuncts = where.get("children", []) if where.get("type") == "CONJUNCTION_AND" else [where]

@@ -461,6 +461,7 @@ _NOT_A_FILTER = frozenset({
 })
 
 
+@functools.cache  # asked of DuckDB's catalog once, when a view is first checked (not at import)
 def _unrepeatable() -> frozenset[str]:
     """Functions whose value is not a function of their arguments: chance, sequences and the
     session (DuckDB says they have side effects), the clock (only "consistent within a query" to
@@ -480,7 +481,6 @@ def _unrepeatable() -> frozenset[str]:
     return frozenset(names | {name for name, body in macros if _idents(body) & names})
 
 
-_UNREPEATABLE = _unrepeatable()
 _FILTER = re.compile(
     r"\s*select\s+(?P<proj>.+?)\s+from\s+(?:log|commands|events)(?:\s+(?:as\s+)?[a-z_][a-z0-9_]*)?"
     r"(?:\s+where\s+(?P<cond>.+?))?\s*",
@@ -504,7 +504,7 @@ def incremental(sql: str) -> bool:
     except duckdb.Error:
         return False
     words = _idents(m.group("proj") + " " + (m.group("cond") or ""))
-    return not (words & _NOT_A_FILTER or words & _AGGREGATES or words & _UNREPEATABLE)
+    return not (words & _NOT_A_FILTER or words & _AGGREGATES or words & _unrepeatable())
 
 
 def _dir(root: Path, name: str) -> Path:
