@@ -44,7 +44,7 @@ def result_format(request: Request[Any, Any, Any]) -> str:
     """The format a result goes out in, by the request's Accept (JSON when it names none); 406
     when it accepts none of them."""
     header = request.headers.get("accept")
-    if not header:
+    if not header or header in ("*/*", FORMATS[0]):  # most clients: no negotiation (~0.1 ms)
         return FORMATS[0]
     best = request.accept.best_match(list(FORMATS))
     if best is None:

@@ -3,6 +3,7 @@ valid time (bitemporal). Each read runs in one DuckDB snapshot, so it never sees
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -30,11 +31,12 @@ from ledger.storage.catalog import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence, Set
 
     from ledger.ledger import Ledger
 
 DEFAULT_TIMEOUT = 30.0  # seconds a query may run before it is interrupted
+T = TypeVar("T")
 TimePoint = int | datetime | str  # a tx number, or an instant in transaction time
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
@@ -182,6 +184,13 @@ def rewrite_time_travel(query: str, resolve: Callable[[TimePoint], int]) -> tupl
     return rewritten, txs
 
 
+def _kept_when_short(fn: Callable[[str], T]) -> Callable[[str], T]:
+    """`fn` of a query, remembered for the 1,024 latest short queries: dashboards repeat theirs."""
+    cached = functools.lru_cache(maxsize=1024)(fn)
+    return functools.wraps(fn)(lambda query: cached(query) if len(query) <= 4096 else fn(query))
+
+
+@_kept_when_short  # when it accepts (a refusal raises)
 def check_read_only(query: str) -> None:
     """Only single SELECT / EXPLAIN statements run; everything else is refused by name."""
     try:
@@ -318,10 +327,9 @@ class Database:
         allowed = {name + suffix for _, suffix in pins for name in RELATIONS}
         if plan is not None:
             allowed |= {name for name, _, _ in plan.order} | plan.pinned.keys()
-        # Parsed outside the snapshot: a statement that fails would abort its transaction.
-        statement = parse(self._ledger.cursor(), query)
-        check_relations(statement, query, allowed)
-        ast = None if plan is not None or _EXPLAIN.match(query) else _plain_select(statement)
+        parsed = parse(query)
+        check_relations(parsed, query, allowed)
+        ast = None if plan is not None or _EXPLAIN.match(query) else _plain_select(parsed.statement)
 
         def run(cur: duckdb.DuckDBPyConnection, sql: str, *, fallback: bool = False) -> pa.Table | None:
             """The rows of `sql`; with `fallback`, None if DuckDB refuses it before it runs."""
@@ -468,14 +476,31 @@ _INTERNAL = frozenset({
 })
 
 
-def parse(cur: duckdb.DuckDBPyConnection, query: str) -> dict[str, Any] | None:
-    """DuckDB's parse tree of one query (of the query an EXPLAIN explains), or None."""
-    rows = cur.execute("SELECT json_serialize_sql($q)", {"q": _EXPLAIN.sub("", query, count=1)}).fetchall()
+@dataclass(frozen=True)
+class Parsed:
+    """What the checks read of a query's parse tree. Shared between the calls that ask about the
+    same text (see parse): read it, never change it."""
+
+    statement: Mapping[str, Any] | None  # DuckDB's tree of the one statement; None if it has none
+    tables: frozenset[str]  # the tables it reads, less its own CTEs
+    functions: frozenset[str]  # every function it calls, lower case
+
+
+_parsers = threading.local()
+
+
+@_kept_when_short  # parsing costs ~0.5 ms
+def parse(query: str) -> Parsed:
+    """DuckDB's parse tree of one query (of the query an EXPLAIN explains)."""
+    con: duckdb.DuckDBPyConnection | None = getattr(_parsers, "con", None)
+    if con is None:  # a private in-memory database per thread: parsing touches no data
+        con = _parsers.con = duckdb.connect()
+    rows = con.execute("SELECT json_serialize_sql($q)", {"q": _EXPLAIN.sub("", query, count=1)}).fetchall()
     tree: dict[str, Any] = json.loads(rows[0][0]) if rows else {"error": True}
     if tree.get("error") or len(tree["statements"]) != 1:
-        return None
+        return Parsed(None, frozenset(), frozenset())
     statement: dict[str, Any] = tree["statements"][0]
-    return statement
+    return Parsed(statement, frozenset(_tables(statement, frozenset())), frozenset(_functions(statement)))
 
 
 # Table functions that run SQL given as text, or act on the database file.
@@ -489,14 +514,16 @@ def _reaches_catalog(function: str) -> bool:
     return function in _RUNS_SQL or function.startswith(("duckdb_", "pragma_"))
 
 
-def check_relations(statement: Mapping[str, Any] | None, query: str, allowed: set[str]) -> None:
+def check_relations(parsed: Parsed, query: str, allowed: set[str]) -> None:
     """Refuse tables other than the ledger's relations and views (and the query's own CTEs), and
     functions that reach the catalog some other way."""
-    if statement is None:  # DuckDB cannot serialize it: look for the catalog's names in the text
+    names: Set[str]
+    functions: Set[str]
+    if parsed.statement is None:  # DuckDB cannot serialize it: look for the catalog's names in the text
         words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query)}
         names, functions = words & _INTERNAL, words
     else:
-        names, functions = _tables(statement, frozenset()), _functions(statement)
+        names, functions = parsed.tables, parsed.functions
     if refused := sorted(f for f in functions if _reaches_catalog(f)):
         raise InvalidQuery(
             f"function {refused[0]}() is not available: queries read {', '.join(RELATIONS)} and "
@@ -578,7 +605,7 @@ def _limited(table: pa.Table, limit: int | None) -> pa.Table:
 INLINE_INDEX_ROWS = 2_000  # beyond this many index rows, scanning the datoms plans faster
 
 
-def _plain_select(statement: dict[str, Any] | None) -> dict[str, Any] | None:
+def _plain_select(statement: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """The parse tree of a SELECT that defines no CTEs of its own, else None."""
     if statement is None:
         return None

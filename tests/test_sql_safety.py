@@ -175,3 +175,22 @@ def test_a_query_and_its_params_must_have_their_types(lg: Ledger, tmp_path: Path
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(LedgerError, match="is a file"):
         Ledger.open(tmp_path / "a-file")
+
+
+def test_a_remembered_parse_decides_nothing_on_its_own(lg: Ledger, tmp_path: Path) -> None:
+    # The same text, asked again, is checked again against what this ledger holds at this point.
+    query = "SELECT count(*) AS n FROM recent"
+    other = Ledger.open(tmp_path / "other")
+    for ledger in (lg, other, lg):
+        with pytest.raises(InvalidQuery, match="unknown relation 'recent'"):
+            ledger.sql(query)
+    views.define_view(lg, "recent", "SELECT * FROM log WHERE action = 'x'")
+    assert lg.sql(query).to_pylist() == [{"n": 8}]
+    with pytest.raises(InvalidQuery, match="unknown relation 'recent'"):
+        other.sql(query)
+    with pytest.raises(InvalidQuery, match="unknown relation 'recent'"):
+        lg.sql(query, as_of=1)  # before the view was defined
+    for _ in range(2):
+        with pytest.raises(InvalidQuery, match="only SELECT"):
+            lg.sql("DELETE FROM log")
+    other.close()
