@@ -20,7 +20,6 @@ from ledger.datoms import attributes
 from ledger.errors import InvalidQuery, InvalidTime
 from ledger.records import Datom, dumps, loads, to_utc
 from ledger.storage.catalog import (
-    STATE_COLUMNS,
     TAIL_TABLES,
     Files,
     columns,
@@ -71,14 +70,19 @@ def relation_views(pin: Pin, files: Files, suffix: str = "") -> dict[str, str]:
     def pinned(relation: str, valid: bool) -> str:
         return union_sql(relation, files[relation], where=pin.where(valid=valid))
 
-    latest = f"datoms{suffix}"
+    datoms = f"datoms{suffix}"
     state = files.state_at(pin.basis) if pin.since is None and pin.valid_at is None else None
-    if state is not None:
-        # The checkpoint holds the latest datom of each (e, a) through its tx: fold in the newer ones.
+    if state is None:
+        entities = entities_sql(pin, datoms)
+    else:
+        # The checkpoint holds the latest datom of each (e, a) through its tx; a newer datom of the
+        # same (e, a) replaces it. Aggregating only the newer ones, not the checkpoint with them,
+        # halved the cost of `entities` at the head (bench/query.py's view).
         at, path = state
-        latest = (
-            f"(SELECT {STATE_COLUMNS} FROM read_parquet({quote(path)}) "
-            f"UNION ALL SELECT {STATE_COLUMNS} FROM datoms{suffix} WHERE tx > {at})"
+        newer = f"(SELECT * FROM {datoms} WHERE tx > {at})"
+        entities = state_sql(
+            f"WITH newer AS ({latest_sql(pin, newer)}) SELECT * FROM newer UNION ALL "
+            f"SELECT e, a, v, tx, tx_time FROM read_parquet({quote(path)}) ANTI JOIN newer USING (e, a)"
         )
 
     return {
@@ -86,7 +90,7 @@ def relation_views(pin: Pin, files: Files, suffix: str = "") -> dict[str, str]:
         f"commands{suffix}": f"SELECT * FROM log{suffix} WHERE kind = 'command'",
         f"events{suffix}": f"SELECT * FROM log{suffix} WHERE kind = 'event'",
         f"datoms{suffix}": pinned("datoms", True),
-        f"entities{suffix}": entities_sql(pin, latest),
+        f"entities{suffix}": entities,
         f"transactions{suffix}": pinned("transactions", False),
         f"quarantine{suffix}": pinned("quarantine", False),
     }
@@ -94,15 +98,28 @@ def relation_views(pin: Pin, files: Files, suffix: str = "") -> dict[str, str]:
 
 def entities_sql(pin: Pin, datoms: str) -> str:
     """State per entity from `datoms` (a relation or subquery, already restricted to `pin`)."""
-    # The latest datom per (e, a) by arg_max (measured 30% faster than a window), then the held
-    # ones as a JSON object with its fields in a fixed order: the same state is the same text.
-    # tx and tx_time are of the last change, a retraction included.
+    return state_sql(latest_sql(pin, datoms))
+
+
+def latest_sql(pin: Pin, datoms: str) -> str:
+    """The latest datom of each (e, a) in `datoms` (a relation or a parenthesized subquery), by
+    arg_max (measured 30% faster than a window), retractions included: e, a, v, tx, tx_time."""
     return (
-        "SELECT e, CAST('{' || string_agg(to_json(a) || ':' || w.v, ',' ORDER BY a) "
-        "FILTER (WHERE w.v IS NOT NULL) || '}' AS JSON) AS state, max(w.tx) AS tx, "
-        "max(w.tx_time) AS tx_time FROM (SELECT e, a, "
+        "SELECT e, a, w.v AS v, w.tx AS tx, w.tx_time AS tx_time FROM (SELECT e, a, "
         f"arg_max({{'v': v, 'tx': tx, 'tx_time': tx_time}}, {pin.latest_key}) AS w FROM {datoms} "
-        "GROUP BY e, a) GROUP BY e HAVING count(w.v) > 0"
+        "GROUP BY e, a)"
+    )
+
+
+def state_sql(latest: str) -> str:
+    """State per entity from the latest datom of each of its attributes: the held ones as a JSON
+    object with its fields in attribute order (the same state is the same text); tx and tx_time
+    of the last change, a retraction included. Sorting each entity's list, not an ordered
+    string_agg, costs a fifth less."""
+    return (
+        "SELECT e, CAST('{' || array_to_string(list_transform(list_sort(list({'a': a, 'v': v}) "
+        "FILTER (WHERE v IS NOT NULL)), lambda f: to_json(f.a) || ':' || f.v), ',') || '}' AS JSON) "
+        f"AS state, max(tx) AS tx, max(tx_time) AS tx_time FROM ({latest}) GROUP BY e HAVING count(v) > 0"
     )
 
 
