@@ -43,7 +43,8 @@ def record_hash(
     """Instants are hashed as integer microseconds since the Unix epoch (UTC)."""
     return _h([
         id, kind, action, parent, data_hash(data), valid_us, key,
-        [list(h) for h in headers], topic, partition, offset, kafka_us,
+        [list(h) for h in headers] if headers != () else [],  # most have none: no comprehension
+        topic, partition, offset, kafka_us,
     ])
 
 

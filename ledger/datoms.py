@@ -46,9 +46,11 @@ class Rules:
         """The entity id of an event, or None when the path is missing or not a scalar."""
         value: Any = data
         for part in _parts(self.entity_path):
-            if not isinstance(value, dict) or part not in value:
+            if not isinstance(value, dict):
                 return None
-            value = value[part]
+            value = value.get(part)  # a missing part ends as None, which is no id
+        if type(value) is str:
+            return value
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             return None
         return str(value)
