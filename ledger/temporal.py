@@ -76,8 +76,8 @@ def relation_views(pin: Pin, files: Files, suffix: str = "") -> dict[str, str]:
         entities = entities_sql(pin, datoms)
     else:
         # The checkpoint holds the latest datom of each (e, a) through its tx; a newer datom of the
-        # same (e, a) replaces it. Aggregating only the newer ones, not the checkpoint with them,
-        # halved the cost of `entities` at the head (bench/query.py's view).
+        # same (e, a) replaces it. Aggregating only the newer ones, not the checkpoint with them:
+        # bench/query.py's view at a checkpoint of 2M records took 0.32 s, not 0.57 (ad hoc).
         at, path = state
         newer = f"(SELECT * FROM {datoms} WHERE tx > {at})"
         entities = state_sql(
