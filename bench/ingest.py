@@ -16,7 +16,11 @@ In one run, on one fresh bundled broker (Tansu, memory storage):
    and the ledger's head covers it, so any ledger.sql()/entity() call in the consumer's process
    started after that instant sees the record (the run checks every record is in `log` at the end).
    The latency is split into kafka (send -> the consumer hands the batch to decode+append) and
-   ledger (decode + append). The first second is warm-up and not counted.
+   ledger (decode + append). The first second is warm-up and not counted. The same producer then
+   feeds a plain aiokafka consumer (no ledger; the shipped fetch_max_wait_ms, getmany() as soon as
+   it returns) on another new topic: the floor this broker and this client set. Both report the p50
+   per 10-s window too: with single-record batches the bundled broker's fetches get slower as the
+   partitions grow (bench/kafka_hop.py), so the end of a run is slower than its start.
 5. (--profile) cProfile of the ingest path (decode + Ledger.append, single thread) on K records,
    grouped by module, to show where the time goes.
 
@@ -94,6 +98,14 @@ def envelope(i: int, size: int) -> bytes:
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def by_window(samples: list[tuple[int, float]], first_ns: int, window_s: float = 10.0) -> list[float]:
+    """p50 of (sent_ns, latency_ms) samples per `window_s` of sending, in order."""
+    windows: dict[int, list[float]] = {}
+    for sent, ms in samples:
+        windows.setdefault(int((sent - first_ns) / 1e9 // window_s), []).append(ms)
+    return [round(pct(v, 0.5), 1) for _, v in sorted(windows.items())]
 
 
 # ----------------------------------------------------------------------------------- produce
@@ -286,11 +298,56 @@ async def freshness(
         "measured": len(total), "warmup_s": WARMUP_S,
         "latency_ms": {"p50": round(pct(total, 0.5), 2), "p90": round(pct(total, 0.9), 2),
                        "p99": round(pct(total, 0.99), 2), "max": round(max(total), 2)},
+        "latency_p50_ms_per_10s": by_window([(s, (c - s) / 1e6) for s, _, c in samples], first),
         "kafka_ms": {"p50": round(pct(kafka, 0.5), 2), "p99": round(pct(kafka, 0.99), 2)},
         "decode_append_ms": {"p50": round(pct(ledger_part, 0.5), 2), "p99": round(pct(ledger_part, 0.99), 2)},
         "transactions": len(txs), "records_per_tx_p50": statistics.median(n for n, _ in txs),
         "tx_ms_p50": round(statistics.median(ms for _, ms in txs), 2),
         "consumer_settings": settings_of(consumer),
+    }
+
+
+async def raw_freshness(bootstrap: str, rate: int, seconds: float, size: int,
+                        fetch_max_wait_ms: int) -> dict[str, Any]:
+    """The freshness producer into a plain aiokafka consumer that only reads: send -> getmany()."""
+    topic = f"bench-raw-{uuid.uuid4().hex[:6]}"
+    await create_topics_async(bootstrap, {topic: PARTITIONS})
+    kafka = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest", fetch_max_wait_ms=fetch_max_wait_ms,
+                             max_partition_fetch_bytes=4 << 20)
+    await kafka.start()
+    samples: list[tuple[int, float]] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        kafka.assign(tps)
+        for tp in tps:
+            kafka.seek(tp, 0)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--_produce", bootstrap, topic, str(rate), str(seconds), str(size),
+            stdout=asyncio.subprocess.PIPE)
+        communicate = asyncio.ensure_future(proc.communicate())
+        expected = int(rate * seconds)
+        deadline = time.monotonic() + seconds + 60
+        while len(samples) < expected and time.monotonic() < deadline:
+            batch = await kafka.getmany(timeout_ms=200, max_records=10_000)
+            got = now_ns()
+            for msgs in batch.values():
+                for m in msgs:
+                    sent = json.loads(m.value)["data"]["sent_ns"]
+                    samples.append((sent, (got - sent) / 1e6))
+        out, _ = await communicate
+    finally:
+        await kafka.stop()
+    sent = json.loads(out.decode().strip().splitlines()[-1])
+    first = min(s for s, _ in samples)
+    steady = [ms for s, ms in samples if s - first >= WARMUP_S * 1e9]
+    return {
+        "topic": topic, "rate_per_s": rate, "seconds": seconds, "sent": sent["sent"],
+        "producer_late_over_5ms": sent["late_over_5ms"], "received": len(samples),
+        "measured": len(steady), "fetch_max_wait_ms": fetch_max_wait_ms,
+        "latency_ms": {"p50": round(pct(steady, 0.5), 2), "p90": round(pct(steady, 0.9), 2),
+                       "p99": round(pct(steady, 0.99), 2), "max": round(max(steady), 2)},
+        "latency_p50_ms_per_10s": by_window(samples, first),
     }
 
 
@@ -426,6 +483,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     res["freshness"] = run
                 else:
                     res.setdefault("freshness_variants", {})[str(wait)] = run
+            print(f"freshness floor (plain aiokafka consumer, no ledger, wait {shipped_wait} ms): "
+                  f"{args.rate} records/s for {args.freshness_seconds} s ...", flush=True)
+            res["freshness_floor"] = await raw_freshness(bs, args.rate, args.freshness_seconds,
+                                                         args.size, shipped_wait)
+            print(f"  {res['freshness_floor']}", flush=True)
     finally:
         await asyncio.to_thread(broker.stop)
     rusage = resource.getrusage(resource.RUSAGE_SELF)
@@ -468,6 +530,14 @@ def table(res: dict[str, Any]) -> str:
             ("  decode+append p50 / p99",
              f"{f['decode_append_ms']['p50']:.1f} / {f['decode_append_ms']['p99']:.1f} ms", "", ""),
             ("  records per tx p50", f"{f['records_per_tx_p50']:.0f}", "", ""),
+            ("  p50 per 10 s", " ".join(f"{v:.0f}" for v in f["latency_p50_ms_per_10s"]) + " ms", "", ""),
+        ]
+    if "freshness_floor" in res:
+        floor = res["freshness_floor"]
+        rows += [
+            (f"floor: plain aiokafka consumer, no ledger (wait {floor['fetch_max_wait_ms']} ms)",
+             f"p50 {floor['latency_ms']['p50']:.1f} / p99 {floor['latency_ms']['p99']:.1f} ms", "", ""),
+            ("  p50 per 10 s", " ".join(f"{v:.0f}" for v in floor["latency_p50_ms_per_10s"]) + " ms", "", ""),
         ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
