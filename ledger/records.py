@@ -198,6 +198,19 @@ def dumps(value: JSON) -> str:
     return text
 
 
+def _as_base_type(value: object) -> object:
+    """For the encoder: a subclass of str, int, float or dict (numpy.str_, an IntEnum, a
+    pandas-made mapping...) as the plain JSON value it stands for."""
+    for base in (str, int, float):
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise NotImplementedError(type(value).__name__)
+
+
+_encode_subclasses = msgspec.json.Encoder(enc_hook=_as_base_type).encode
+
 _decode = msgspec.json.decode
 
 
@@ -239,20 +252,24 @@ def check_json(value: object, path: str, depth: int = 1) -> None:
 _PLAIN = frozenset({str, int, bool, type(None)})
 
 
-def _check_data(data: Mapping[str, object]) -> str:
-    """Check a record's `data` and return its JSON text. Flat fields are checked here; only
-    floats and nested values take the full walk (strings are checked by the encoder, which
-    refuses lone surrogates; on that error the walk names the field)."""
+def _check_data(data: Mapping[str, object]) -> tuple[dict[str, Any], str]:
+    """Check a record's `data`; return it as a plain dict, and its JSON text. Flat fields are
+    checked here; only floats and nested values take the full walk (strings are checked by the
+    encoder, which refuses lone surrogates; on that error the walk names the field)."""
     for k, v in data.items():
-        if type(k) is not str:
+        if type(k) is not str and not isinstance(k, str):
             raise ValueError(f"data has a non-string key {k!r}")
         if type(v) not in _PLAIN:
             check_json(v, f"data.{k}", 2)
     try:
-        return dumps(data)
+        return dict(data), dumps(data)
     except ValueError:
-        check_json(data, "data")
-        raise
+        check_json(data, "data")  # names a value JSON cannot hold; else it holds subclasses:
+    try:
+        text = _encode_subclasses(data).decode()
+    except (TypeError, msgspec.EncodeError) as e:
+        raise ValueError(str(e)) from e
+    return loads(text), text  # stored, hashed and indexed as the plain values they stand for
 
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -261,7 +278,7 @@ _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 def _uuid(value: object) -> str:
     if isinstance(value, str):
         if _CANONICAL_UUID.fullmatch(value):
-            return value
+            return str(value)  # (a subclass as plain str)
         try:
             return str(uuid.UUID(value))
         except ValueError as e:
@@ -285,7 +302,7 @@ def _headers(value: object) -> tuple[tuple[str, str], ...]:
             val = val.decode("utf-8", "backslashreplace")
         if not isinstance(name, str) or not isinstance(val, str):
             raise ValueError(f"header {name!r}: names and values must be strings")
-        out.append((_text(name, "header name"), _text(val, f"header {name!r}")))
+        out.append((_text(str(name), "header name"), _text(str(val), f"header {name!r}")))
     return tuple(out)
 
 
@@ -295,7 +312,7 @@ def _optional_str(rec: Mapping[str, object], name: str) -> str | None:
         return None
     if not isinstance(value, str) or not value:
         raise ValueError("must be a non-empty string")
-    return _text(value, name)
+    return _text(str(value), name)
 
 
 def _optional_int(rec: Mapping[str, object], name: str, bits: int) -> int | None:
@@ -320,17 +337,17 @@ def validate(index: int, rec: object) -> NewRecord:
         kind = rec.get("kind")
         if kind not in KINDS:
             raise ValueError(f"must be 'command' or 'event', got {kind!r}")
+        kind = str(kind)  # (a str subclass compares equal)
         name = "action"
         action = rec.get("action")
-        if type(action) is not str or not action.strip():
+        if not isinstance(action, str) or not action.strip():
             raise ValueError("must be a non-empty string")
-        _text(action, "action")
+        action = _text(str(action), "action")
         name = "data"
         data = rec.get("data")
         if type(data) is not dict and not isinstance(data, Mapping):
             raise ValueError(f"must be a JSON object, got {type(data).__name__}")
-        data_json = _check_data(data)
-        data = dict(data)
+        data, data_json = _check_data(data)
         name = "id"
         raw_id = rec.get("id")
         rid = uuid7() if raw_id is None else _uuid(raw_id)

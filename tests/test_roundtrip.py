@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import struct
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
@@ -243,6 +245,36 @@ def test_invalid_records_are_refused_by_index_and_field_and_nothing_is_written(t
     refused()
     assert lg.verify().ok
     lg.close()
+
+
+class Text(str):
+    """Like numpy.str_: a str subclass, as notebooks hand them over."""
+
+
+class Number(int):
+    pass
+
+
+def test_subclasses_of_json_types_are_stored_as_the_plain_values_they_stand_for(tmp_path: Path) -> None:
+    """They used to fail deep in hashing with a TypeError (or as "a non-string key"): now the
+    record, its hash and its datoms are those of the same record built from plain values."""
+    parent, rid = str(uuid.uuid4()), str(uuid.uuid4())
+    plain = {"kind": "event", "action": "opened", "id": rid, "parent": parent, "key": "k",
+             "headers": [("h", "v")], "timestamp": "2026-01-01T00:00:00Z",
+             "data": {"id": "acct", "n": 7, "f": 0.5, "tags": ["a", {"b": 2}], "m": {"x": "y"}}}
+    fancy = {**plain, "kind": Text("event"), "action": Text("opened"), "id": Text(rid),
+             "parent": Text(parent), "key": Text("k"), "headers": [(Text("h"), Text("v"))],
+             "data": {Text("id"): Text("acct"), "n": Number(7), "f": 0.5,
+                      "tags": (Text("a"), {Text("b"): Number(2)}), "m": MappingProxyType({"x": Text("y")})}}
+    with Ledger.open(tmp_path / "a") as a, Ledger.open(tmp_path / "b") as b:
+        a.append([plain])
+        b.append([fancy])
+        assert b.verify().ok
+        (ra,), (rb,) = a.tx_range()[0].records, b.tx_range()[0].records
+        assert rb.hash == ra.hash and replace(rb, tx_time=ra.tx_time) == ra
+        assert type(rb.action) is str and rb.data["tags"] == ["a", {"b": 2}]
+        assert b.entity("acct") == a.entity("acct") == {"n": 7, "f": 0.5, "tags": ["a", {"b": 2}],
+                                                        "m": {"x": "y"}}
 
 
 def test_tx_time_strictly_increases_when_the_wall_clock_steps_back(
