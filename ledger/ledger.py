@@ -43,6 +43,7 @@ from ledger.records import (
     check_json,
     dumps,
     loads,
+    plain,
     validate,
 )
 from ledger.storage import index as idx
@@ -567,6 +568,7 @@ class Ledger:
             check_json(meta_obj, "meta")
         except ValueError as e:
             raise LedgerError(f"meta must be a JSON object: {e}") from e
+        meta_obj = plain(meta_obj)
         if self.read_only:
             raise ReadOnly("this ledger was opened read-only")
         if self.damaged is not None:

@@ -211,6 +211,13 @@ def _as_base_type(value: object) -> object:
 
 _encode_subclasses = msgspec.json.Encoder(enc_hook=_as_base_type).encode
 
+
+def _plain_json(value: object) -> str:
+    try:
+        return _encode_subclasses(value).decode()
+    except (TypeError, msgspec.EncodeError) as e:
+        raise ValueError(str(e)) from e
+
 _decode = msgspec.json.decode
 
 
@@ -265,11 +272,14 @@ def _check_data(data: Mapping[str, object]) -> tuple[dict[str, Any], str]:
         return dict(data), dumps(data)
     except ValueError:
         check_json(data, "data")  # names a value JSON cannot hold; else it holds subclasses:
-    try:
-        text = _encode_subclasses(data).decode()
-    except (TypeError, msgspec.EncodeError) as e:
-        raise ValueError(str(e)) from e
+    text = _plain_json(data)
     return loads(text), text  # stored, hashed and indexed as the plain values they stand for
+
+
+def plain(value: object) -> Any:
+    """A value that passed `check_json`, with every subclass (of str, int, float, dict) replaced
+    by the plain value it stands for."""
+    return loads(_plain_json(value))
 
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

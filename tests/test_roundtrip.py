@@ -267,11 +267,12 @@ def test_subclasses_of_json_types_are_stored_as_the_plain_values_they_stand_for(
              "data": {Text("id"): Text("acct"), "n": Number(7), "f": 0.5,
                       "tags": (Text("a"), {Text("b"): Number(2)}), "m": MappingProxyType({"x": Text("y")})}}
     with Ledger.open(tmp_path / "a") as a, Ledger.open(tmp_path / "b") as b:
-        a.append([plain])
-        b.append([fancy])
+        a.append([plain], {"by": "ann", "n": 1})
+        b.append([fancy], {Text("by"): Text("ann"), "n": Number(1)})
         assert b.verify().ok
         (ra,), (rb,) = a.tx_range()[0].records, b.tx_range()[0].records
         assert rb.hash == ra.hash and replace(rb, tx_time=ra.tx_time) == ra
+        assert b.tx_range()[0].meta == {"by": "ann", "n": 1}
         assert type(rb.action) is str and rb.data["tags"] == ["a", {"b": 2}]
         assert b.entity("acct") == a.entity("acct") == {"n": 7, "f": 0.5, "tags": ["a", {"b": 2}],
                                                         "m": {"x": "y"}}
