@@ -28,6 +28,7 @@ from ledger.storage.catalog import (
     quote,
     union_sql,
 )
+from ledger.storage.parquet_types import arrow_type, star_replace
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence, Set
@@ -365,7 +366,12 @@ class Database:
                     raise
                 if rel is None:
                     raise InvalidQuery("the statement returned no result")
-                json_columns = {c for c, t in zip(rel.columns, rel.types, strict=True) if str(t) == "JSON"}
+                types = [str(t) for t in rel.types]
+                json_columns = {c for c, t in zip(rel.columns, types, strict=True) if t == "JSON"}
+                casts = {c: a for c, t in zip(rel.columns, types, strict=True) if (a := arrow_type(t))}
+                if casts:  # as DuckDB's text (UHUGEINT would wrap, a TIMETZ lose its offset...)
+                    rel = rel.query("result", f"SELECT {star_replace(casts)} FROM result") or rel
+                    json_columns |= {c for c, a in casts.items() if a == "JSON"}  # (a VARIANT)
                 table = (rel if limit is None else rel.limit(limit + 1)).to_arrow_table()
                 return _mark_json(table, json_columns) if json_columns else table
             finally:

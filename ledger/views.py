@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ledger.errors import InvalidQuery, InvalidViewName, LedgerError, UnknownView
 from ledger.storage.catalog import CATALOG_DDL, quote, union_sql
-from ledger.storage.parquet_types import portable_type
+from ledger.storage.parquet_types import portable_type, star_replace
 from ledger.storage.segments import SEGMENTS_DIR
 from ledger.temporal import (
     DEFAULT_TIMEOUT,
@@ -274,7 +274,7 @@ class Plan:
         # to the type the file's field metadata names.
         types = {f.name: f.metadata[_DUCKDB_TYPE].decode() for f in pq.read_schema(path)
                  if f.metadata and _DUCKDB_TYPE in f.metadata}
-        star = _replace(types)
+        star = star_replace(types)
         source = f"SELECT {star} FROM read_parquet({quote(str(path))})"
         if pin.basis == m:
             return source
@@ -282,7 +282,7 @@ class Plan:
             return None
         # The newer rows go through Arrow too, so in the same portable form as the file's.
         portable = {c: p for c, t in types.items() if (p := portable_type(t)) is not None}
-        sql = f"SELECT {_replace(portable)} FROM ({version.sql}\n)" if portable else version.sql
+        sql = f"SELECT {star_replace(portable)} FROM ({version.sql}\n)" if portable else version.sql
         delta = Database(self.ledger, Pin(basis=pin.basis, since=m)).sql(sql, timeout=timeout)
         cur.register(f"_mv_delta_{name}", delta)
         return f"{source} UNION ALL BY NAME SELECT {star} FROM _mv_delta_{name}"
@@ -298,20 +298,13 @@ class Plan:
 _DUCKDB_TYPE = b"duckdb_type"  # field metadata key: a column's DuckDB type (as JSON_TYPE says JSON)
 
 
-def _replace(casts: Mapping[str, str]) -> str:
-    """`*`, with the columns named cast to the types given."""
-    if not casts:
-        return "*"
-    return f"* REPLACE ({', '.join(f'CAST({ident(c)} AS {t}) AS {ident(c)}' for c, t in casts.items())})"
-
-
 def portable_select(db: Database, name: str, timeout: float | None) -> tuple[str, dict[str, str]]:
     """SELECT * FROM the view, with each column of a type Parquet cannot hold (at any depth) cast
     to one it holds; and those columns' DuckDB types, by name."""
     described = db.sql(f"DESCRIBE SELECT * FROM {ident(name)}", timeout=timeout).to_pylist()
     original = {r["column_name"]: r["column_type"] for r in described}
     portable = {c: p for c, t in original.items() if (p := portable_type(t)) is not None}
-    return f"SELECT {_replace(portable)} FROM {ident(name)}", {c: original[c] for c in portable}
+    return f"SELECT {star_replace(portable)} FROM {ident(name)}", {c: original[c] for c in portable}
 
 
 def _first_line(text: str) -> str:

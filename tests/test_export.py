@@ -157,6 +157,27 @@ def _check_awkward(lg: Ledger, file: Path, as_of: int) -> None:
     assert want[0]["span"] != "00:00:00" and want[0]["big"] == "340282366920938463463374607431768211455"
 
 
+def test_query_results_hold_what_arrow_would_get_wrong_as_duckdb_text(data: Path) -> None:
+    """DuckDB's Arrow export wraps a UHUGEINT over 2**127 (to -1 here), drops a TIMETZ's offset and
+    hands over BIT, BIGNUM and VARIANT as their internal bytes: sql() results carry those (at any
+    depth) as DuckDB's text for them instead, which casts back exactly; the others keep their type."""
+    with Ledger.open(data) as lg:
+        result = lg.sql(AWKWARD_SQL + " LIMIT 1")
+        got = result.to_pylist()[0]
+        text = ", ".join(f"CAST({e} AS VARCHAR) AS {c}" for c, (e, _) in AWKWARD.items())
+        want = lg.sql(f"SELECT {text} FROM log LIMIT 1").to_pylist()[0]
+        for column in ("big", "bits", "huge", "ttz"):
+            assert got[column] == want[column], column
+        assert got["big"] == str(2**128 - 1) and got["ttz"] == "12:34:56.5+02:30"
+        assert got["var"] == '{"a":1}'  # JSON text, marked as JSON columns are:
+        assert result.schema.field("var").metadata == result.schema.field("j").metadata is not None
+        nested = f"SELECT {{'n': '{2**127 + 1}'::UHUGEINT, 'l': [TIMETZ '01:00:00+01']}} AS s"
+        assert lg.sql(nested).to_pylist() == [{"s": {"n": str(2**127 + 1), "l": ["01:00:00+01"]}}]
+        kept = lg.sql("SELECT INTERVAL 3 DAY AS i, 7::HUGEINT AS h, [1, 2] AS l").schema
+        assert [str(t) for t in kept.types] == [
+            "month_day_nano_interval", "decimal128(38, 0)", "list<l: int32>"]
+
+
 def test_export_writes_types_parquet_cannot_hold_in_a_form_plain_duckdb_reads_back(
     data: Path, tmp_path: Path
 ) -> None:

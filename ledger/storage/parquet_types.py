@@ -4,19 +4,35 @@ casts back exactly), for export files and materialized views alike."""
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 # DuckDB types Parquet has no form for (INTERVAL, UNION), or that the Arrow route writes wrongly
 # (UHUGEINT wraps, a TIMETZ loses its offset, BIT and BIGNUM become their internal bytes): written
 # as DuckDB's text for them, which casts back exactly; a VARIANT as JSON text.
 _AS_TEXT = frozenset({"INTERVAL", "UHUGEINT", "BIGNUM", "VARINT", "BIT", "TIME WITH TIME ZONE", "UNION"})
 _AS_JSON = frozenset({"VARIANT"})
+# Of those, the ones DuckDB's Arrow export gets wrong (INTERVAL and UNION have Arrow types).
+_WRONG_IN_ARROW = _AS_TEXT - {"INTERVAL", "UNION"}
+_MAY_BE_WRONG_IN_ARROW = re.compile("UHUGEINT|BIGNUM|VARINT|BIT|TIME WITH|VARIANT")
 # A DuckDB type name as DESCRIBE prints it, in tokens: quoted names, quoted strings, words, marks.
 _TYPE_TOKEN = re.compile(r'"(?:[^"]|"")*"|\'(?:[^\']|\'\')*\'|TIME(?:STAMP)? WITH TIME ZONE|\w+|\S')
 
 
-def portable_type(duckdb_type: str) -> str | None:
+def arrow_type(duckdb_type: str) -> str | None:
+    """The type a query result's column is cast to before it goes to Arrow (`UHUGEINT` ->
+    `VARCHAR`, `STRUCT(t TIMETZ)` -> `STRUCT(t VARCHAR)`), or None when Arrow holds it as it is."""
+    if not _MAY_BE_WRONG_IN_ARROW.search(duckdb_type):
+        return None  # (most types: no parsing)
+    return portable_type(duckdb_type, _WRONG_IN_ARROW)
+
+
+def portable_type(duckdb_type: str, as_text: frozenset[str] = _AS_TEXT) -> str | None:
     """The type a DuckDB type is written to Parquet as (`INTERVAL` -> `VARCHAR`,
-    `STRUCT(a INTERVAL[])` -> `STRUCT(a VARCHAR[])`), or None when it is written as it is."""
+    `STRUCT(a INTERVAL[])` -> `STRUCT(a VARCHAR[])`), or None when it is written as it is;
+    `as_text` names the types written as text."""
     tokens: list[str] = _TYPE_TOKEN.findall(duckdb_type)
     pos, changed = 0, False
 
@@ -39,9 +55,9 @@ def portable_type(duckdb_type: str) -> str | None:
                     pos += 1
             pos += 1
         text = name + (f"({', '.join(args)})" if args else "")
-        if name.upper() in _AS_TEXT | _AS_JSON:
+        if name.upper() in as_text | _AS_JSON:
             changed = True
-            text = "VARCHAR" if name.upper() in _AS_TEXT else "JSON"
+            text = "VARCHAR" if name.upper() in as_text else "JSON"
         while pos < len(tokens) and tokens[pos] == "[":  # LIST (T[]) or ARRAY (T[3])
             end = tokens.index("]", pos)
             text += "".join(tokens[pos:end + 1])
@@ -50,3 +66,14 @@ def portable_type(duckdb_type: str) -> str | None:
 
     portable = one()
     return portable if changed else None
+
+
+def star_replace(casts: Mapping[str, str]) -> str:
+    """`*`, with the columns named cast to the types given."""
+    if not casts:
+        return "*"
+    return f"* REPLACE ({', '.join(f'CAST({_ident(c)} AS {t}) AS {_ident(c)}' for c, t in casts.items())})"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
