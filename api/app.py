@@ -17,7 +17,7 @@ from litestar.plugins.problem_details import (
 )
 
 from api.commands import CommandController
-from api.errors import from_http_exception, from_ledger_error, problem
+from api.errors import bad_request, from_http_exception, from_ledger_error, problem
 from api.events import EventController
 from api.query import QueryController
 from api.schemas import SchemaController
@@ -57,6 +57,12 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     return converted.to_response(request)
 
 
+def _too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[Any]:
+    """Decoding a body (or a value in it) that nests deeper than Python's recursion limit."""
+    return bad_request("the body nests too deeply to decode", field="body",
+                       kind="malformed-json").to_response(request)
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem(500, "Internal server error", f"{type(exc).__name__}: the error was logged",
@@ -76,7 +82,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         plugins=[ProblemDetailsPlugin(ProblemDetailsConfig())],  # Litestar's own errors: _http_error
         exception_handlers={
-            LedgerError: _ledger_error, HTTPException: _http_error, Exception: _unexpected,
+            LedgerError: _ledger_error, HTTPException: _http_error, RecursionError: _too_deep,
+            Exception: _unexpected,
         },
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Commander Ledger", version="0.1.0", path="/schema",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypedDict
 
 from litestar.exceptions import ClientException, HTTPException
@@ -117,6 +118,8 @@ def from_http_exception(exc: HTTPException, *, max_body_bytes: int | None = None
     elif exc.status_code == 400 and type(exc) is ClientException:  # the body did not decode
         detail, extra = f"body is not valid JSON: {exc.detail}", {"field": "body"}
         kind = "malformed-json"
+    elif m := _MISSING.match(str(detail)):
+        extra = {"field": m[1]}
     elif exc.status_code == 413:
         extra = {"field": "body"}
         if max_body_bytes is not None:
@@ -126,6 +129,8 @@ def from_http_exception(exc: HTTPException, *, max_body_bytes: int | None = None
         type_=PROBLEM_BASE + kind, headers=exc.headers, extra=extra or None,
     )
 
+
+_MISSING = re.compile(r"Missing required \w+ parameter '([^']+)'")
 
 _TITLES = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 406: "Not acceptable",
            413: "Body too large",

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -18,6 +19,7 @@ from litestar import Controller, Request, Response, get, post
 from api.errors import bad_request, json_type, not_found, problem, problems
 from api.records import instant_param, record_json, time_param
 from api.services import Services  # Litestar reads handler annotations at runtime
+from ledger.errors import InvalidQuery, InvalidTime
 
 MAX_ROWS = 100_000
 
@@ -46,11 +48,41 @@ def result_format(request: Request[Any, Any, Any]) -> str:
     header = request.headers.get("accept")
     if not header or header in ("*/*", FORMATS[0]):  # most clients: no negotiation (~0.1 ms)
         return FORMATS[0]
-    best = request.accept.best_match(list(FORMATS))
+    best = negotiate(header, FORMATS)
     if best is None:
         raise problem(406, "Not acceptable", f"Accept {header!r} takes none of: {', '.join(FORMATS)}",
                       kind="not-acceptable")
     return best
+
+
+def negotiate(header: str, offered: tuple[str, ...]) -> str | None:
+    """The offered media type an Accept header prefers (RFC 9110 12.5.1): each type's weight is
+    the q of the most specific range that matches it (type/subtype, then type/*, then */*); q=0
+    means "not this one". Highest weight wins, ties go to the earlier offered type."""
+    ranges: dict[str, float] = {}
+    for item in header.split(","):
+        media, *params = (p.strip() for p in item.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0  # an unreadable weight: not a preference to act on
+        if media:
+            ranges.setdefault(media.lower(), q)
+
+    def weight(media: str) -> float:
+        kind = media.split("/")[0]
+        for pattern in (media, f"{kind}/*", "*/*"):
+            if pattern in ranges:
+                return ranges[pattern]
+        return 0.0
+
+    weights = [weight(m) for m in offered]
+    best = max(weights)
+    return offered[weights.index(best)] if best > 0 else None
 
 
 def table_response(table: pa.Table, accept: str) -> Response[Any]:
@@ -165,12 +197,25 @@ class QueryController(Controller):
             raise bad_request("valid_at must be an ISO-8601 instant", field="valid_at")
         if params is not None and not isinstance(params, (list, dict)):
             raise bad_request("params must be a list ($1, $2, ...) or an object ($name)", field="params")
-        table = await asyncio.to_thread(
-            services.ledger.sql, data["sql"],
-            as_of=None if as_of is None else time_param(str(as_of), "as_of"),
-            valid_at=instant_param(valid_at, "valid_at"), params=params, limit=limit,
-        )
+        pinned = None if as_of is None else time_param(str(as_of), "as_of")
+        valid = instant_param(valid_at, "valid_at")
+        try:
+            table = await asyncio.to_thread(
+                services.ledger.sql, data["sql"], as_of=pinned, valid_at=valid, params=params, limit=limit)
+        except (InvalidQuery, InvalidTime) as e:
+            raise bad_request(str(e), field=_at_fault(str(e), params),
+                              kind="invalid-query" if isinstance(e, InvalidQuery) else "invalid-time") from e
         return table_response(table, fmt)
+
+
+_PARAMS_ERROR = re.compile(r"Values were not provided|\bparameters?\b|Python (integer|Conversion)|"
+                           r"Unimplemented type for cast", re.IGNORECASE)
+
+
+def _at_fault(message: str, params: object) -> str:
+    """The body member a refused query's error is about: `params` when DuckDB's message is about
+    binding them, else `sql`."""
+    return "params" if params is not None and _PARAMS_ERROR.search(message) else "sql"
 
 
 def sql_body(data: Any, fields: set[str]) -> dict[str, Any]:

@@ -219,7 +219,12 @@ def check_read_only(query: str) -> None:
         raise InvalidQuery(f"expected one SQL statement, got {len(statements)}")
     kind = statements[0].type
     if kind not in _ALLOWED:
-        raise InvalidQuery(f"only SELECT queries are allowed, not {kind.name}")
+        # Named as written: DuckDB files INSTALL under LOAD, USE under SET, CHECKPOINT under CALL.
+        word = _FIRST_WORD.match(statements[0].query)
+        raise InvalidQuery(f"only SELECT queries are allowed, not {word[1].upper() if word else kind.name}")
+
+
+_FIRST_WORD = re.compile(r"\s*([A-Za-z]+)")
 
 
 class Database:
@@ -394,13 +399,7 @@ class Database:
                     bodies = _bodies(pins, files, text)
                     self._from_index(bodies, ast, pin, params)
                     ctes = ", ".join(f"{n} AS NOT MATERIALIZED ({b})" for n, b in bodies.items())
-                    try:
-                        table = run(cur, f"WITH {ctes}\n{query}" if ctes else query, fallback=True)
-                    except duckdb.Error as e:
-                        if isinstance(e, duckdb.InterruptException) or not ctes:
-                            raise
-                        # Raised while running: its "LINE n" counts the line of CTEs above.
-                        raise type(e)(_LINE.sub(lambda m: f"LINE {int(m[1]) - 1}:", str(e))) from e
+                    table = run(cur, f"WITH {ctes}\n{query}" if ctes else query, fallback=True)
                     if table is not None:
                         return _limited(table, limit)
             with self._ledger.snapshot() as (cur, files):
@@ -413,7 +412,9 @@ class Database:
         except duckdb.InterruptException as e:
             raise InvalidQuery(f"query interrupted: it ran longer than the {timeout} s limit") from e
         except duckdb.Error as e:
-            raise InvalidQuery((plan and plan.explain(str(e))) or str(e).strip()) from e
+            raise InvalidQuery((plan and plan.explain(str(e))) or _caller_lines(str(e).strip(), query)) from e
+        except pa.ArrowException as e:  # e.g. nesting deeper than Arrow's recursion limit
+            raise InvalidQuery(f"the result cannot be returned: {e}") from e
         return _limited(table, limit)
 
     def _lookup(self, e: str, columns: list[tuple[str, str]], pin: Pin) -> pa.Table | None:
@@ -459,7 +460,20 @@ class Database:
                 bodies["entities"] = entities_sql(pin, "datoms")
 
 
-_LINE = re.compile(r"\bLINE (\d+):")
+_LINE = re.compile(r"\bLINE (\d+): (.*)")
+
+
+def _caller_lines(message: str, query: str) -> str:
+    """DuckDB's "LINE n: <text>" renumbered as a line of `query`: the statement DuckDB ran may
+    have had lines before the caller's (the relations as CTEs, the row limit's wrapper)."""
+    lines = query.splitlines()
+
+    def renumber(m: re.Match[str]) -> str:
+        shown = m[2].strip().removeprefix("...").removesuffix("...").strip()
+        at = next((i for i, line in enumerate(lines) if shown and shown in line), None)
+        return m[0] if at is None else f"LINE {at + 1}: {m[2]}"
+
+    return _LINE.sub(renumber, message)
 PROGRESS_EVERY = 0.25  # seconds between two readings of a running query's progress
 
 

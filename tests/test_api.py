@@ -482,6 +482,39 @@ def test_every_json_body_endpoint_names_the_body_when_the_body_is_at_fault(serve
     assert assert_problem(resp, 400)["field"] == "body"
 
 
+def test_what_used_to_be_500s_and_misplaced_errors_in_query(server: Server) -> None:
+    """Each of these was a 500 (a RecursionError decoding the body, an ArrowInvalid building the
+    result), a 200 for an Accept that refused every format (q=0), an error naming no field, or a
+    LINE number counted in the SQL the ledger ran rather than the caller's."""
+    deep = "[" * 3000 + "]" * 3000
+    for method, path in [("POST", "/query"), ("PUT", "/views/deep"), ("PUT", "/schemas/deep")]:
+        body = '{"sql": "SELECT 1", "params": ' + deep + "}" if path != "/schemas/deep" else deep
+        resp = httpx.request(method, server.url + path, content=body.encode())
+        assert_problem(resp, 400, field="body")
+    nested = "SELECT " + "[" * 150 + "1" + "]" * 150 + " AS x"
+    assert "cannot be returned" in assert_problem(
+        httpx.post(server.url + "/query", json={"sql": nested}), 400, field="sql")["detail"]
+    for accept in ("text/csv;q=0", "*/*;q=0", "application/json;q=0, text/csv;q=0",
+                   "text/csv;q=0, application/vnd.apache.parquet;q=0"):
+        resp = httpx.post(server.url + "/query", json={"sql": "SELECT 1 AS x"}, headers={"Accept": accept})
+        assert_problem(resp, 406)
+    parquet = "application/vnd.apache.parquet"
+    for accept, media in [("text/csv;q=0, */*", "application/json"), ("text/*;q=0.5, */*;q=0.1", "text/csv"),
+                          (f"{parquet}, text/csv;q=0.9", parquet)]:
+        resp = httpx.post(server.url + "/query", json={"sql": "SELECT 1 AS x"}, headers={"Accept": accept})
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith(media), (accept, resp)
+    for body, field in [({"sql": "SELEC 1"}, "sql"), ({"sql": "SELECT $1", "params": []}, "params"),
+                        ({"sql": "SELECT 1 FROM log FOR SYSTEM_TIME AS OF TIMESTAMP 'noon'"}, "sql")]:
+        assert_problem(httpx.post(server.url + "/query", json=body), 400, field=field)
+    detail = assert_problem(httpx.post(server.url + "/query", json={"sql": "SELECT 1 AS a,\n'x'::JSON AS j"}),
+                            400, field="sql")["detail"]
+    assert "LINE 2: 'x'::JSON AS j" in detail, detail
+    for sql, word in [("INSTALL httpfs", "INSTALL"), ("USE memory", "USE"), ("CHECKPOINT", "CHECKPOINT")]:
+        resp = httpx.post(server.url + "/query", json={"sql": sql})
+        assert assert_problem(resp, 400, field="sql")["detail"].endswith(f"not {word}")
+    assert httpx.get(server.url + "/ready").status_code == 200
+
+
 def test_x_entity_key_is_an_rfc6901_pointer_checked_when_the_schema_is_put(server: Server) -> None:
     schema = {"type": "object", "properties": {
         "a/b": {"type": "string"}, "m~n": {"type": "integer"}, "x": {},
