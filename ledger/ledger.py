@@ -529,7 +529,9 @@ class Ledger:
         """The first tx at or after a time point: itself for a tx number; for an instant, the first
         tx committed at or after it (resolve() gives the last one before it)."""
         point = check_time_point(t, "time")
-        return point if isinstance(point, int) else self.resolve(point - _US) + 1
+        if isinstance(point, int):
+            return point
+        return 1 if point == datetime.min.replace(tzinfo=UTC) else self.resolve(point - _US) + 1
 
     def offsets(self, consumer: str) -> dict[tuple[str, int], OffsetMark]:
         """Where `consumer` stands per (topic, partition), as committed with the records."""
@@ -729,6 +731,8 @@ class Ledger:
 
     def index_rows(self, e: str) -> list[tuple[Any, ...]]:
         """(tx, seq, valid_us, tx_us, record_id, attrs) of entity e from the entity index."""
+        if self._closed:
+            raise LedgerError("the ledger is closed")
         if self._index is None:
             raise LedgerError("this ledger has no entity index (a read-only snapshot)")
         return self._index.rows(e)

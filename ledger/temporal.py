@@ -141,14 +141,16 @@ def needed_relations(query: str, suffix: str = "") -> set[str]:
 # String literals ('..', E'..', $$..$$), quoted names and comments, skipped whole; an unclosed one
 # runs to the end (else every later opener would rescan the rest of the query: quadratic).
 _SKIP = (
-    r"(?P<skip>E'(?:[^'\\]|\\.|'')*(?:'|\Z)|'(?:[^']|'')*(?:'|\Z)|\$\$.*?(?:\$\$|\Z)|"
+    r"(?P<skip>E'(?:[^'\\]|\\.|'')*(?:'|\Z)|'(?:[^']|'')*(?:'|\Z)|"
+    r"\$(?P<tag>(?:[A-Za-z_]\w*)?)\$.*?(?:\$(?P=tag)\$|\Z)|"  # $$..$$ and $tag$..$tag$
     r"\"(?:[^\"]|\"\")*(?:\"|\Z)|--[^\n]*|/\*.*?(?:\*/|\Z))"
 )
+_GAP = r"(?:\s|/\*.*?\*/)+"  # white space, and block comments
 _TIME_TRAVEL = re.compile(
-    r"(?<![\w$])(?P<rel>[A-Za-z_][A-Za-z0-9_]*|\"[A-Za-z_][A-Za-z0-9_]*\")\s+FOR\s+SYSTEM_TIME\s+AS\s+OF\s+"
+    rf"(?<![\w$])(?P<rel>[A-Za-z_][A-Za-z0-9_]*|\"[A-Za-z_][A-Za-z0-9_]*\"){_GAP}FOR\s+SYSTEM_TIME\s+AS\s+OF\s+"
     r"(?P<point>[0-9]+|TIMESTAMP(?:TZ)?\s*'[^']*'|'[^']*')"
     # Not part of an expression (2+3, 5.5, 2 || 'x', 2 AT TIME ZONE ...): those are refused below.
-    r"(?![\w.'$]|\s*(?:[+*/%|&^<>=!~(\[]|-(?!-)|::|AT\s|COLLATE\s))"
+    r"(?![\w.'$]|\s*(?:[+*%|&^<>=!~(\[]|/(?!\*)|-(?!-)|::|AT\s|COLLATE\s))"
     r"(?P<after>\s+(?P<next>[A-Za-z_]+))?|" + _SKIP,
     re.IGNORECASE | re.DOTALL,
 )
@@ -164,8 +166,12 @@ def mentions_time_travel(query: str) -> bool:
 _NOT_ALIASES = {
     "where", "join", "left", "right", "inner", "outer", "full", "cross", "on", "using", "group",
     "order", "limit", "having", "union", "except", "intersect", "window", "qualify", "natural",
-    "asof", "positional", "offset", "for",
+    "asof", "positional", "offset", "for", "semi", "anti", "tablesample", "pivot", "unpivot",
 }
+# A relation right after these takes no alias (DESCRIBE log, SUMMARIZE entities).
+_BARE_RELATION = re.compile(r"\s*(?:DESCRIBE|SUMMARIZE|SHOW)\s*\Z", re.IGNORECASE)
+# DuckDB's own time travel, for catalogs that keep versions (the ledger's relations do not).
+_AT_VERSION = re.compile(_SKIP + r"|\bAT\s*\(\s*(?:VERSION|TIMESTAMP)\s*=>", re.IGNORECASE | re.DOTALL)
 
 
 _AS_OF = "__as_of_"  # relation{_AS_OF}{tx}: a relation pinned at tx
@@ -192,10 +198,13 @@ def rewrite_time_travel(query: str, resolve: Callable[[TimePoint], int]) -> tupl
         rel = m.group("rel")  # kept as written for the alias: "group" stays quoted
         out = rel.strip('"') + suffix_for(tx)
         nxt = m.group("next")
-        if nxt is None or nxt.lower() in _NOT_ALIASES:
+        if (nxt is None or nxt.lower() in _NOT_ALIASES) and not _BARE_RELATION.match(query[:m.start()]):
             out += f" AS {rel}"
         return out + (m.group("after") or "")
 
+    if any(m.group("skip") is None for m in _AT_VERSION.finditer(query)):
+        raise InvalidQuery("AT (VERSION => ...) / AT (TIMESTAMP => ...) is DuckDB's time travel for "
+                           f"catalogs that keep versions; here write {TIME_TRAVEL_SYNTAX}")
     rewritten = _TIME_TRAVEL.sub(replace_clause, query)
     if mentions_time_travel(rewritten):
         raise InvalidQuery(f"FOR SYSTEM_TIME is written {TIME_TRAVEL_SYNTAX} (no expressions or parameters)")
@@ -245,7 +254,10 @@ class Database:
         return Database(self._ledger, replace(self.pin, basis=min(self.pin.basis, self._ledger.resolve(t))))
 
     def since(self, t: TimePoint) -> Database:
-        return Database(self._ledger, replace(self.pin, since=self._ledger.resolve(t)))
+        """Only what came after `t` (and after this value's own `since`: a chain narrows)."""
+        after = self._ledger.resolve(t)
+        return Database(self._ledger, replace(
+            self.pin, since=after if self.pin.since is None else max(self.pin.since, after)))
 
     def valid_at(self, instant: datetime | str) -> Database:
         return Database(self._ledger, replace(self.pin, valid_at=to_utc(instant, "valid_at")))
@@ -257,6 +269,8 @@ class Database:
         """(a, v, op, tx, seq, valid_us, tx_us, record_id) of one entity within `pin`, in
         (tx, seq, a) order; v is the Python value, times are epoch microseconds. The writer reads
         its entity index; snapshots scan the datoms."""
+        if isinstance(e, str) and not _is_text(e):
+            raise InvalidQuery(f"an entity id is UTF-8 text, got {e!r} (a lone surrogate)")
         lo = -1 if pin.since is None else pin.since
         vt = None if pin.valid_at is None else _epoch_us(pin.valid_at)
         if self._ledger.indexed:
@@ -335,10 +349,17 @@ class Database:
 
         if not isinstance(query, str):
             raise InvalidQuery(f"a query is SQL text, got {type(query).__name__}")
+        if not _is_text(query):
+            raise InvalidQuery("the query is not valid UTF-8 text (it holds a lone surrogate)")
         if params is not None and (isinstance(params, (str, bytes))
                                    or not isinstance(params, (list, tuple, Mapping))):
             raise InvalidQuery(
                 f"params must be a list ($1, ...) or a mapping ($name), got {type(params).__name__}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidQuery(f"limit must be a whole number of rows, at least 0, got {limit!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout < float("inf")):
+            raise InvalidQuery(f"timeout must be a positive number of seconds, got {timeout!r}")
 
         query, past = rewrite_time_travel(query, lambda t: min(self.pin.basis, self._ledger.resolve(t)))
         check_read_only(query)
@@ -415,6 +436,8 @@ class Database:
             raise InvalidQuery((plan and plan.explain(str(e))) or _caller_lines(str(e).strip(), query)) from e
         except pa.ArrowException as e:  # e.g. nesting deeper than Arrow's recursion limit
             raise InvalidQuery(f"the result cannot be returned: {e}") from e
+        except UnicodeEncodeError as e:  # a parameter holding a lone surrogate
+            raise InvalidQuery(f"a parameter is not valid UTF-8 text ({e.reason})") from e
         return _limited(table, limit)
 
     def _lookup(self, e: str, columns: list[tuple[str, str]], pin: Pin) -> pa.Table | None:
@@ -461,6 +484,17 @@ class Database:
 
 
 _LINE = re.compile(r"\bLINE (\d+): (.*)")
+
+
+def _is_text(value: str) -> bool:
+    """Whether `value` is UTF-8 encodable (lone surrogates are not)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _caller_lines(message: str, query: str) -> str:

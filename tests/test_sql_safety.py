@@ -194,3 +194,33 @@ def test_a_remembered_parse_decides_nothing_on_its_own(lg: Ledger, tmp_path: Pat
         with pytest.raises(InvalidQuery, match="only SELECT"):
             lg.sql("DELETE FROM log")
     other.close()
+
+
+def test_bad_arguments_to_reads_are_ledger_errors_not_python_ones(lg: Ledger) -> None:
+    """Each of these raised a TypeError, UnicodeEncodeError, OverflowError or sqlite3 error (or a
+    timeout silently did nothing); a read after close() sometimes even answered."""
+    for kwargs in ({"limit": "1"}, {"limit": 1.5}, {"limit": -1}, {"limit": True}, {"timeout": "5"},
+                   {"timeout": 0}, {"timeout": float("nan")}):
+        with pytest.raises(InvalidQuery, match="limit|timeout"):
+            lg.sql("SELECT 1 AS x", **kwargs)  # type: ignore[arg-type]
+    assert lg.sql("SELECT 1 AS x", limit=0).num_rows == 0
+    for read in (lambda: lg.entity("\ud800"), lambda: lg.history("\ud800"),
+                 lambda: lg.sql("SELECT '\ud800' AS x"),
+                 lambda: lg.sql("SELECT state FROM entities WHERE e = $e", params={"e": "\ud800"}),
+                 lambda: lg.sql("SELECT $e AS x", params={"e": "\ud800"})):
+        with pytest.raises(InvalidQuery, match="UTF-8"):
+            read()
+    for i in range(3):
+        lg.append([{"kind": "event", "action": "x", "data": {"id": "acct-1", "n": i}}])
+    every = [t.tx for t in lg.tx_range()]
+    assert [t.tx for t in lg.tx_range("0001-01-01T00:00:00Z")] == every
+    assert lg.tx_range(None, "0001-01-01T00:00:00Z") == []
+    head = lg.head.tx
+    for chain in (lg.since(head - 1).since(1), lg.since(1).since(head - 1)):  # a chain narrows
+        assert chain.sql("SELECT count(*) AS n FROM transactions").to_pylist() == [{"n": 1}]
+    lg.entity("acct-1")
+    lg.close()
+    for read in (lambda: lg.entity("acct-1"), lambda: lg.history("acct-1"),
+                 lambda: lg.sql("SELECT state FROM entities WHERE e = 'acct-1'")):
+        with pytest.raises(LedgerError, match="closed"):
+            read()
