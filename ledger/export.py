@@ -71,9 +71,12 @@ def _manifest(t: int, digest: dict[str, Any], entries: dict[str, Any]) -> dict[s
 def export_dir(
     lg: Ledger, out: Path, *, as_of: TimePoint | None = None, tables: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Write <table>.parquet for each table and manifest.json into `out`; returns the manifest."""
+    """Write <table>.parquet for each table and manifest.json into `out`; returns the manifest.
+    Tables of an earlier export into `out` that this one does not write are removed after its
+    manifest is in place (other files are left alone)."""
     t, items = _tables(lg, as_of, tables)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _exported_files(out)
     entries: dict[str, Any] = {}
     for name, kind, table in items:
         file = f"{name}.parquet"
@@ -87,7 +90,19 @@ def export_dir(
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     _fsync(tmp)
     os.replace(tmp, out / MANIFEST)  # last: a directory with a manifest is complete
+    for file in earlier - {e["file"] for e in entries.values()}:
+        (out / file).unlink(missing_ok=True)
     return manifest
+
+
+def _exported_files(out: Path) -> set[str]:
+    """The table files the manifest in `out` lists, if there is one (plain names only)."""
+    try:
+        listed = json.loads((out / MANIFEST).read_text())["tables"].values()
+        names = {str(e["file"]) for e in listed}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {n for n in names if n.endswith(".parquet") and "/" not in n and not n.startswith(".")}
 
 
 def export_zip(

@@ -57,6 +57,11 @@ def test_cli_export_is_readable_by_plain_duckdb(data: Path, tmp_path: Path) -> N
     assert m2["tables"]["amounts"] == {"file": "amounts.parquet", "kind": "view", "rows": 7}
     assert main(["export", "--as-of", "3", "--out", str(out2), "--tables", "amounts",
                  "--data-dir", str(data)]) == 1  # not defined at tx 3
+    # Exporting again into the same directory leaves no table of the earlier export behind (a
+    # reader of *.parquet there would have read it as current); files it did not write stay.
+    (out2 / "notes.txt").write_text("mine")
+    assert main(["export", "--out", str(out2), "--tables", "log", "--data-dir", str(data)]) == 0
+    assert sorted(p.name for p in out2.iterdir()) == ["log.parquet", "manifest.json", "notes.txt"]
 
 
 def test_cli_sql_binary_formats_and_views(
