@@ -20,6 +20,7 @@ from api.errors import bad_request, json_type, not_found, problem, problems
 from api.records import instant_param, record_json, time_param
 from api.services import Services  # Litestar reads handler annotations at runtime
 from ledger.errors import InvalidQuery, InvalidTime
+from ledger.storage.parquet_types import infinite_column
 
 MAX_ROWS = 100_000
 
@@ -99,6 +100,8 @@ def table_response(table: pa.Table, accept: str) -> Response[Any]:
 
 def _encoded(table: pa.Table, accept: str) -> Response[Any]:
     if accept == "text/csv":
+        if (name := infinite_column(table)) is not None:
+            raise ValueError(f"column {name!r} holds infinity, which has no form in CSV")
         buf = io.BytesIO()
         pa_csv.write_csv(table, buf)
         return Response(buf.getvalue(), media_type="text/csv")

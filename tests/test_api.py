@@ -494,6 +494,9 @@ def test_what_used_to_be_500s_and_misplaced_errors_in_query(server: Server) -> N
     nested = "SELECT " + "[" * 150 + "1" + "]" * 150 + " AS x"
     assert "cannot be returned" in assert_problem(
         httpx.post(server.url + "/query", json={"sql": nested}), 400, field="sql")["detail"]
+    inf = httpx.post(server.url + "/query", json={"sql": "SELECT 'infinity'::TIMESTAMPTZ AS t"},
+                     headers={"Accept": "text/csv"})  # was 200 with the year 32103 in the cell
+    assert "infinity" in assert_problem(inf, 400, field="accept")["detail"]
     for accept in ("text/csv;q=0", "*/*;q=0", "application/json;q=0, text/csv;q=0",
                    "text/csv;q=0, application/vnd.apache.parquet;q=0"):
         resp = httpx.post(server.url + "/query", json={"sql": "SELECT 1 AS x"}, headers={"Accept": accept})

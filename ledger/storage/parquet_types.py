@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -77,3 +80,25 @@ def star_replace(casts: Mapping[str, str]) -> str:
 
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+# DuckDB's infinity and -infinity, as its Arrow export writes them (microseconds; days for DATE).
+_INFINITE = {"timestamp": (2**63 - 1, -(2**63 - 1)), "date32": (2**31 - 1, -(2**31 - 1))}
+
+
+def infinite_column(table: pa.Table) -> str | None:
+    """The first column holding DuckDB's infinity or -infinity for a time: Arrow holds it as an
+    ordinary (far-away) value, which text formats would print as a date it is not."""
+    for name, col in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_timestamp(col.type):
+            kind = "timestamp"
+        elif pa.types.is_date32(col.type):
+            kind = "date32"
+        else:
+            continue
+        if col.null_count == len(col):
+            continue
+        lo, hi = pc.min_max(col.cast(pa.int64() if kind == "timestamp" else pa.int32())).values()
+        if hi.as_py() == _INFINITE[kind][0] or lo.as_py() == _INFINITE[kind][1]:
+            return name
+    return None
