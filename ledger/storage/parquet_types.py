@@ -100,5 +100,5 @@ def infinite_column(table: pa.Table) -> str | None:
             continue
         lo, hi = pc.min_max(col.cast(pa.int64() if kind == "timestamp" else pa.int32())).values()
         if hi.as_py() == _INFINITE[kind][0] or lo.as_py() == _INFINITE[kind][1]:
-            return name
+            return str(name)
     return None
