@@ -43,13 +43,24 @@ def encode_cursor(tx: int, seq: int) -> str:
     return base64.urlsafe_b64encode(f"{tx}.{seq}".encode()).decode().rstrip("=")
 
 
+# What encode_cursor is given: the (tx, seq) of a record the page ended on. tx is a BIGINT, seq an
+# INTEGER counted from 0 within its tx; canonical decimal, no sign, no leading zeros.
+_CURSOR = re.compile(r"(0|[1-9][0-9]{0,18})\.(0|[1-9][0-9]{0,9})")
+_MAX_TX, _MAX_SEQ = 2**63 - 1, 2**31 - 1
+
+
 def decode_cursor(cursor: str) -> tuple[int, int]:
+    """The (tx, seq) of a cursor encode_cursor made; 400 naming `cursor` for anything else (another
+    spelling of the same numbers too, so a cursor is opaque and cannot be edited into a position)."""
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        tx, seq = text.split(".")
-        return int(tx), int(seq)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"cursor {cursor!r} is not one this API returned", field="cursor") from e
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except ValueError:  # not base64, or not ASCII once decoded (UnicodeDecodeError is a ValueError)
+        text = ""
+    if m := _CURSOR.fullmatch(text):
+        tx, seq = int(m[1]), int(m[2])
+        if tx <= _MAX_TX and seq <= _MAX_SEQ and encode_cursor(tx, seq) == cursor:
+            return tx, seq
+    raise bad_request(f"cursor {cursor!r} is not one this API returned", field="cursor")
 
 
 def parse_position(text: str, what: str) -> tuple[int, int]:

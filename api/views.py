@@ -19,7 +19,7 @@ from api.query import MAX_ROWS, _plain, result_format, sql_body, table_response
 from api.records import instant_param, time_param
 from api.services import Services  # Litestar reads handler annotations at runtime
 from ledger import views
-from ledger.errors import InvalidQuery, InvalidViewName, UnknownView
+from ledger.errors import InvalidQuery, InvalidTime, InvalidViewName, UnknownView
 from ledger.export import export_zip
 from ledger.temporal import DEFAULT_TIMEOUT
 
@@ -123,7 +123,10 @@ class ViewController(Controller):
         self, services: Services, name: str, since: Annotated[str, QueryParameter(name="from")],
         until: Annotated[str | None, QueryParameter(name="to")] = None, definition: str = "as_of",
     ) -> dict[str, Any]:
-        """Rows added and removed between two points (tx numbers or instants)."""
+        """Rows added and removed between `from` and `to` (tx numbers or instants; `to` defaults to
+        the latest tx, and may not be before `from`). At a point before the view was defined (or
+        after it was dropped) the view reads as empty; a name that is a view at neither point, nor
+        now, is 404."""
         lg = services.ledger
         start = time_param(since, "from")
         if start is None:
@@ -135,6 +138,9 @@ class ViewController(Controller):
             )
         except UnknownView as e:
             raise not_found(f"view {name!r}") from e
+        except InvalidTime as e:  # the only one left once both points parsed: `from` after `to`
+            raise bad_request(f"'from' ({since}) is after 'to' ({until})", field="from",
+                              kind="invalid-time") from e
         from_tx = lg.as_of(start).basis_tx
         to_tx = lg.head.tx if end is None else lg.as_of(end).basis_tx
         return {

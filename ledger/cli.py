@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from ledger.errors import InvalidTime, LedgerError
-from ledger.ledger import Ledger
+from ledger.errors import InvalidQuery, InvalidTime, LedgerError
+from ledger.ledger import DB_FILE, Ledger
 from ledger.records import to_utc
+from ledger.storage.parquet_types import infinite_column
 from ledger.temporal import JSON_TYPE, check_time_point
 
 if TYPE_CHECKING:
@@ -70,23 +71,70 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def data_dir(args: argparse.Namespace) -> Path:
-    return Path(setting(args.data_dir, "LEDGER_DATA_DIR", DEFAULT_DATA_DIR))
+    text = setting(args.data_dir, "LEDGER_DATA_DIR", DEFAULT_DATA_DIR)
+    if why := not_utf8(text):  # DuckDB takes paths as UTF-8 only
+        source = "--data-dir" if args.data_dir is not None else "LEDGER_DATA_DIR"
+        raise UsageError(f"{source}: the path {shown(text)} is not valid UTF-8 ({why})")
+    return Path(text)
 
 
-def open_snapshot(args: argparse.Namespace) -> Ledger:
-    """A read-only snapshot of an existing ledger; never creates one, never blocks its writer."""
+def existing_ledger(args: argparse.Namespace) -> Path:
+    """The data directory, if it holds a ledger: commands other than `serve` and `consume` never
+    create one (a mistyped --data-dir is an error, not a new empty ledger)."""
     root = data_dir(args)
     if not root.is_dir():
         raise LedgerError(
             f"no ledger at {root}: the directory does not exist (set --data-dir or LEDGER_DATA_DIR)"
         )
-    lg = Ledger.open(root, read_only=True)
+    if not (root / DB_FILE).is_file():
+        raise LedgerError(f"no ledger at {root.resolve()} (missing {DB_FILE})")
+    return root
+
+
+def open_snapshot(args: argparse.Namespace) -> Ledger:
+    """A read-only snapshot of an existing ledger; never creates one, never blocks its writer."""
+    lg = Ledger.open(existing_ledger(args), read_only=True)
     if lg.note:
         print(f"note: {one_line(lg.note)}", file=sys.stderr)
     return lg
 
 
 # ---------------------------------------------------------------------------- value types
+def not_utf8(text: str) -> str | None:
+    """Why `text` is not valid UTF-8, else None. Bytes that do not decode reach Python from argv,
+    the environment or stdin as lone surrogates (PEP 383), which DuckDB cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02X}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
+        return f"{what} at character {e.start + 1}"
+    return None
+
+
+def shown(text: str) -> str:
+    """`text` quoted, with each undecodable byte as \\xNN (a lone surrogate as \\uNNNN)."""
+    return "'" + "".join(
+        f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+        else f"\\u{ord(c):04x}" if 0xD800 <= ord(c) <= 0xDFFF else c
+        for c in text
+    ) + "'"
+
+
+def utf8_text(text: str) -> str:
+    """argparse type for text handed to DuckDB (the query, table names)."""
+    if why := not_utf8(text):
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 ({why})")
+    return text
+
+
+def utf8_path(text: str) -> str:
+    """argparse type for a path DuckDB writes to (it takes UTF-8 paths only)."""
+    if why := not_utf8(text):
+        raise argparse.ArgumentTypeError(f"the path {shown(text)} is not valid UTF-8 ({why})")
+    return text
+
+
 def time_point(text: str) -> TimePoint:
     """argparse type for --as-of: digits are a tx number, anything else an ISO-8601 instant."""
     try:
@@ -107,18 +155,22 @@ def instant(text: str) -> datetime:
 
 def sql_params(text: str) -> list[Any] | dict[str, Any]:
     """argparse type for --params: a JSON array ($1, $2, ...) or object ($name)."""
+    if why := not_utf8(text):
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 ({why})")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
     if not isinstance(value, (list, dict)):
         raise argparse.ArgumentTypeError("expected a JSON array (for $1, $2, ...) or object (for $name)")
+    if why := not_utf8(json.dumps(value, ensure_ascii=False)):  # a \ud800 escape decodes to one
+        raise argparse.ArgumentTypeError(f"a string in it is not valid UTF-8 ({why} of its JSON)")
     return value
 
 
 # ------------------------------------------------------------------------------------ sql
 def add_sql(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("query", help="one SELECT (or EXPLAIN); '-' reads it from stdin")
+    parser.add_argument("query", type=utf8_text, help="one SELECT (or EXPLAIN); '-' reads it from stdin")
     parser.add_argument("--as-of", type=time_point, metavar="T",
                         help="a tx number, or an ISO-8601 instant in transaction time")
     parser.add_argument("--valid-at", type=instant, metavar="T",
@@ -133,7 +185,7 @@ def add_sql(parser: argparse.ArgumentParser) -> None:
 
 
 def run_sql(args: argparse.Namespace) -> int:
-    query = sys.stdin.read() if args.query == "-" else args.query
+    query = stdin_query() if args.query == "-" else args.query
     with open_snapshot(args) as lg:
         table = lg.sql(query, as_of=args.as_of, valid_at=args.valid_at, params=args.params)
     if args.format in ("parquet", "arrow"):
@@ -145,6 +197,24 @@ def run_sql(args: argparse.Namespace) -> int:
         return OK
     {"table": write_table, "csv": write_csv, "json": write_json}[args.format](table)
     return OK
+
+
+def stdin_query() -> str:
+    """The query on stdin, which must be UTF-8 (whatever the locale says)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream with no bytes under it (a StringIO in place of stdin)
+        text = sys.stdin.read()
+    else:
+        raw = buffer.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LedgerError(
+                f"the query on stdin is not valid UTF-8 (byte 0x{raw[e.start]:02X} at offset {e.start})"
+            ) from None
+    if why := not_utf8(text):
+        raise LedgerError(f"the query on stdin is not valid UTF-8 ({why})")
+    return text
 
 
 @contextmanager
@@ -196,6 +266,8 @@ def write_table(table: pa.Table) -> None:
 
 def write_csv(table: pa.Table) -> None:
     """RFC 4180 CSV with a header; types CSV cannot hold (lists, structs, intervals) become JSON text."""
+    if (name := infinite_column(table)) is not None:
+        raise InvalidQuery(f"column {name!r} holds infinity, which has no form in CSV: cast it to VARCHAR")
     cols = []
     for col in table.columns:
         try:
@@ -534,7 +606,7 @@ def _rebuild_view(args: argparse.Namespace) -> int:
     from ledger.errors import LedgerLocked
 
     try:
-        lg = Ledger.open(data_dir(args))
+        lg = Ledger.open(existing_ledger(args))
     except LedgerLocked as e:
         raise LedgerError(
             f"{one_line(str(e))}; rebuild through that service instead: POST /views/{args.name}/rebuild"
@@ -557,8 +629,8 @@ def _rebuild_view(args: argparse.Namespace) -> int:
 def add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--as-of", type=time_point, metavar="T",
                         help="a tx number or an ISO-8601 instant (default: the latest tx)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
-    parser.add_argument("--tables", metavar="T1,T2",
+    parser.add_argument("--out", required=True, type=utf8_path, metavar="DIR", help="directory to write into")
+    parser.add_argument("--tables", type=utf8_text, metavar="T1,T2",
                         help="relations and views to export (default: every relation)")
     add_data_dir(parser)
 

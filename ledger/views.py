@@ -27,7 +27,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ledger.errors import InvalidQuery, InvalidViewName, LedgerError, UnknownView
+from ledger.errors import InvalidQuery, InvalidTime, InvalidViewName, LedgerError, UnknownView
 from ledger.storage.catalog import CATALOG_DDL, quote, union_sql
 from ledger.storage.parquet_types import portable_type, star_replace
 from ledger.storage.segments import SEGMENTS_DIR
@@ -38,6 +38,7 @@ from ledger.temporal import (
     Pin,
     TimePoint,
     check_read_only,
+    check_time_point,
     mentions_time_travel,
     rewrite_time_travel,
 )
@@ -414,13 +415,32 @@ def changes(
     lg: Ledger, name: str, *, since: TimePoint, until: TimePoint | None = None,
     definition: str = "as_of", timeout: float | None = DEFAULT_TIMEOUT,
 ) -> tuple[pa.Table, pa.Table]:
-    """(added, removed): rows of the view at `until` not at `since`, and the reverse (as
-    multisets). A view that did not exist at `since` had no rows then. Each side runs within
-    `timeout` seconds."""
-    after = rows(lg, name, as_of=until, definition=definition, timeout=timeout)
-    try:
-        before = rows(lg, name, as_of=since, definition=definition, timeout=timeout)
-    except UnknownView:
+    """(added, removed): rows of the view at `until` (default: the latest tx) not at `since`, and
+    the reverse (as multisets). `until` may not be before `since` (InvalidTime). At a point where
+    the view did not exist (before it was defined, after it was dropped) it had no rows; a name
+    that is a view at neither point nor now is UnknownView. Each side runs within `timeout` seconds."""
+    start = check_time_point(since, "since")
+    end = None if until is None else check_time_point(until, "until")
+    if end is not None:
+        # Two instants compare as instants (both may fall in one tx), else as the txs they name.
+        if isinstance(start, datetime) and isinstance(end, datetime):
+            backwards = start > end
+        else:
+            backwards = lg.resolve(start) > lg.resolve(end)
+        if backwards:
+            raise InvalidTime(f"since ({since}) is after until ({until})")
+
+    def at(point: TimePoint | None) -> pa.Table | None:
+        try:
+            return rows(lg, name, as_of=point, definition=definition, timeout=timeout)
+        except UnknownView:
+            return None
+
+    after, before = at(end), at(start)
+    if after is None:  # empty then; with no rows at either point, the view's columns now
+        after = (rows(lg, name, definition=definition, limit=0, timeout=timeout) if before is None
+                 else before).slice(0, 0)
+    if before is None:
         before = after.slice(0, 0)
     if before.column_names != after.column_names:
         raise InvalidQuery(
