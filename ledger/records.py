@@ -218,6 +218,7 @@ def _plain_json(value: object) -> str:
     except (TypeError, msgspec.EncodeError) as e:
         raise ValueError(str(e)) from e
 
+
 _decode = msgspec.json.decode
 
 
@@ -271,9 +272,11 @@ def _check_data(data: Mapping[str, object]) -> tuple[dict[str, Any], str]:
     try:
         return dict(data), dumps(data)
     except ValueError:
-        check_json(data, "data")  # names a value JSON cannot hold; else it holds subclasses:
+        check_json(data, "data")  # raises, naming a value JSON cannot hold
+    # Else what the plain encoder refused are subclasses (numpy.str_, an IntEnum, a mapping type):
+    # stored, hashed and indexed as the plain values they stand for.
     text = _plain_json(data)
-    return loads(text), text  # stored, hashed and indexed as the plain values they stand for
+    return loads(text), text
 
 
 def plain(value: object) -> Any:

@@ -1,5 +1,6 @@
 """DuckDB types Parquet cannot hold, and the type each is written as instead (text that DuckDB
-casts back exactly), for export files and materialized views alike."""
+casts back exactly), for export files and materialized views alike; and the DuckDB values that
+Arrow, which carries every query result, gets wrong."""
 
 from __future__ import annotations
 
