@@ -508,6 +508,8 @@ def _caller_lines(message: str, query: str) -> str:
         return m[0] if at is None else f"LINE {at + 1}: {m[2]}"
 
     return _LINE.sub(renumber, message)
+
+
 PROGRESS_EVERY = 0.25  # seconds between two readings of a running query's progress
 
 
