@@ -23,6 +23,7 @@ from ledger.errors import InvalidQuery, InvalidTime
 from ledger.storage.parquet_types import infinite_column
 
 MAX_ROWS = 100_000
+MAX_TX = 2**63 - 1
 
 
 def _plain(value: Any) -> Any:
@@ -174,6 +175,8 @@ class QueryController(Controller):
         is a tx or an instant (an instant stands for the last tx committed at or before it)."""
         if not 1 <= limit <= 1000:
             raise bad_request("limit must be between 1 and 1000", field="limit")
+        if cursor is not None and not 1 <= cursor <= MAX_TX:  # next_cursor is the last tx of a page
+            raise bad_request(f"cursor {cursor} is not one this API returned", field="cursor")
         lg = services.ledger
         low, high = [None if t is None else await asyncio.to_thread(lg.resolve, t)
                      for t in (time_param(since, "since"), time_param(until, "until"))]

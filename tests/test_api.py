@@ -248,6 +248,8 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
         assert_problem(httpx.get(f"{server.url}/tx/{t}"), 404)
     assert_problem(httpx.get(server.url + "/no-such-route"), 404)
     assert_problem(httpx.get(server.url + "/commands", params={"cursor": "!!"}), 400, field="cursor")
+    for cursor in ("-5", "0", str(2**63), "9" * 60):  # a 200 page before (-5 read as 0)
+        assert_problem(httpx.get(server.url + "/tx", params={"cursor": cursor}), 400, field="cursor")
     assert_problem(httpx.get(server.url + "/commands", params={"limit": 0}), 400, field="limit")
     assert_problem(post_command(server, {"action": "x", "data": {}}, timeout=-1), 400, field="timeout")
     q = httpx.post(server.url + "/query", json={"sql": "DELETE FROM log"})
