@@ -174,7 +174,7 @@ def to_utc(value: object, what: str) -> datetime:
         raise InvalidTime(f"{what}: {value.isoformat()} is outside the years 1-9999 in UTC") from e
 
 
-def _text(value: str, what: str) -> str:
+def utf8_text(value: str, what: str) -> str:
     """`value` if it can be stored as UTF-8; lone surrogates (e.g. from bad decoding) cannot."""
     if value.isascii():  # a flag read: only other text can hold a surrogate
         return value
@@ -238,7 +238,7 @@ def check_json(value: object, path: str, depth: int = 1) -> None:
     if value is None or isinstance(value, (bool, int)):
         return
     if isinstance(value, str):
-        _text(value, path)
+        utf8_text(value, path)
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -248,7 +248,7 @@ def check_json(value: object, path: str, depth: int = 1) -> None:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ValueError(f"{path} has a non-string key {k!r}")
-            check_json(v, f"{path}.{_text(k, f'{path} key')}", depth + 1)
+            check_json(v, f"{path}.{utf8_text(k, f'{path} key')}", depth + 1)
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
@@ -315,7 +315,7 @@ def _headers(value: object) -> tuple[tuple[str, str], ...]:
             val = val.decode("utf-8", "backslashreplace")
         if not isinstance(name, str) or not isinstance(val, str):
             raise ValueError(f"header {name!r}: names and values must be strings")
-        out.append((_text(str(name), "header name"), _text(str(val), f"header {name!r}")))
+        out.append((utf8_text(str(name), "header name"), utf8_text(str(val), f"header {name!r}")))
     return tuple(out)
 
 
@@ -325,7 +325,7 @@ def _optional_str(rec: Mapping[str, object], name: str) -> str | None:
         return None
     if not isinstance(value, str) or not value:
         raise ValueError("must be a non-empty string")
-    return _text(str(value), name)
+    return utf8_text(str(value), name)
 
 
 def _optional_int(rec: Mapping[str, object], name: str, bits: int) -> int | None:
@@ -355,7 +355,7 @@ def validate(index: int, rec: object) -> NewRecord:
         action = rec.get("action")
         if not isinstance(action, str) or not action.strip():
             raise ValueError("must be a non-empty string")
-        action = _text(str(action), "action")
+        action = utf8_text(str(action), "action")
         name = "data"
         data = rec.get("data")
         if type(data) is not dict and not isinstance(data, Mapping):

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ledger.datoms import attributes
 from ledger.errors import InvalidQuery, InvalidTime
-from ledger.records import Datom, dumps, loads, to_utc
+from ledger.records import Datom, dumps, loads, to_utc, utf8_text
 from ledger.storage.catalog import (
     TAIL_TABLES,
     Files,
@@ -269,8 +269,8 @@ class Database:
         """(a, v, op, tx, seq, valid_us, tx_us, record_id) of one entity within `pin`, in
         (tx, seq, a) order; v is the Python value, times are epoch microseconds. The writer reads
         its entity index; snapshots scan the datoms."""
-        if isinstance(e, str) and not _is_text(e):
-            raise InvalidQuery(f"an entity id is UTF-8 text, got {e!r} (a lone surrogate)")
+        if isinstance(e, str):
+            _utf8(e, "the entity id")
         lo = -1 if pin.since is None else pin.since
         vt = None if pin.valid_at is None else _epoch_us(pin.valid_at)
         if self._ledger.indexed:
@@ -349,8 +349,7 @@ class Database:
 
         if not isinstance(query, str):
             raise InvalidQuery(f"a query is SQL text, got {type(query).__name__}")
-        if not _is_text(query):
-            raise InvalidQuery("the query is not valid UTF-8 text (it holds a lone surrogate)")
+        _utf8(query, "the query")
         if params is not None and (isinstance(params, (str, bytes))
                                    or not isinstance(params, (list, tuple, Mapping))):
             raise InvalidQuery(
@@ -486,15 +485,12 @@ class Database:
 _LINE = re.compile(r"\bLINE (\d+): (.*)")
 
 
-def _is_text(value: str) -> bool:
-    """Whether `value` is UTF-8 encodable (lone surrogates are not)."""
-    if value.isascii():
-        return True
+def _utf8(value: str, what: str) -> None:
+    """InvalidQuery unless `value` can be handed to DuckDB and SQLite (lone surrogates cannot)."""
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        utf8_text(value, what)
+    except ValueError as e:
+        raise InvalidQuery(str(e)) from e
 
 
 def _caller_lines(message: str, query: str) -> str:
