@@ -121,7 +121,7 @@ def shown(text: str) -> str:
     ) + "'"
 
 
-def utf8_text(text: str) -> str:
+def utf8_argument(text: str) -> str:
     """argparse type for text handed to DuckDB (the query, table names)."""
     if why := not_utf8(text):
         raise argparse.ArgumentTypeError(f"not valid UTF-8 ({why})")
@@ -170,7 +170,7 @@ def sql_params(text: str) -> list[Any] | dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ sql
 def add_sql(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("query", type=utf8_text, help="one SELECT (or EXPLAIN); '-' reads it from stdin")
+    parser.add_argument("query", type=utf8_argument, help="one SELECT (or EXPLAIN); '-' reads it from stdin")
     parser.add_argument("--as-of", type=time_point, metavar="T",
                         help="a tx number, or an ISO-8601 instant in transaction time")
     parser.add_argument("--valid-at", type=instant, metavar="T",
@@ -630,7 +630,7 @@ def add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--as-of", type=time_point, metavar="T",
                         help="a tx number or an ISO-8601 instant (default: the latest tx)")
     parser.add_argument("--out", required=True, type=utf8_path, metavar="DIR", help="directory to write into")
-    parser.add_argument("--tables", type=utf8_text, metavar="T1,T2",
+    parser.add_argument("--tables", type=utf8_argument, metavar="T1,T2",
                         help="relations and views to export (default: every relation)")
     add_data_dir(parser)
 
