@@ -56,8 +56,10 @@ from ledger.storage.catalog import (
     TAIL_TABLES,
     Files,
     columns,
+    entities_file,
     latest_datoms_sql,
     quote,
+    state_sql,
     tail_datoms_ddl,
     union_sql,
 )
@@ -266,9 +268,12 @@ class Ledger:
             registered = {r[0] for r in con.execute("SELECT dir FROM segments").fetchall()}
             seg.clean_orphans(root, registered)
             states = {f for (f,) in con.execute("SELECT file FROM entity_state").fetchall()}
-            for gone in sorted(f for f in states if not (root / seg.STATE_DIR / f).exists()):
-                con.execute("DELETE FROM entity_state WHERE file = ?", [gone])  # deleted by hand
-            seg.clean_states(root, states)
+            for gone in sorted(f for f in states if not all(
+                    (root / seg.STATE_DIR / name).exists() for name in (f, entities_file(f)))):
+                # deleted by hand, or written before checkpoints had their entities file
+                con.execute("DELETE FROM entity_state WHERE file = ?", [gone])
+                states.discard(gone)
+            seg.clean_states(root, states | {entities_file(f) for f in states})
             ledger = cls(root, con, read_only=False, seal_every=seal_every)
         except BaseException:
             con.close()
@@ -867,15 +872,14 @@ class Ledger:
         previous checkpoint folded with the new datoms, or every sealed datom when there is none.
         None if it cannot be written: readers then keep the old one, or scan the datoms."""
         segs = self.root / seg.SEGMENTS_DIR
+        new = [str(segs / seg.segment_name(first, last) / "datoms.parquet")]
         if old is not None and old[0] == first - 1:
-            sources = [str(self.root / seg.STATE_DIR / old[1])]
-            dirs = [seg.segment_name(first, last)]
+            sources, previous = [str(self.root / seg.STATE_DIR / old[1]), *new], (old[1], new)
         else:
             dirs = [r[0] for r in cur.execute("SELECT dir FROM segments ORDER BY first_tx").fetchall()]
-            sources, dirs = [], [*dirs, seg.segment_name(first, last)]
-        sources += [str(segs / d / "datoms.parquet") for d in dirs]
+            sources, previous = [*(str(segs / d / "datoms.parquet") for d in dirs), *new], None
         try:
-            return seg.write_state(cur, self.root, last, sources)
+            return seg.write_state(cur, self.root, last, sources, previous)
         except (duckdb.Error, OSError):
             log.exception("the entity state checkpoint at tx %d was not written (entities reads "
                           "scan more datoms until the next seal writes one)", last)
@@ -889,7 +893,8 @@ class Ledger:
     def _drop_retired_states(self) -> None:
         """Delete superseded checkpoints no snapshot is reading (caller holds _state_lock)."""
         for name in [n for n in self._state_retired if not self._state_users[n]]:
-            (self.root / seg.STATE_DIR / name).unlink(missing_ok=True)
+            for file in (name, entities_file(name)):
+                (self.root / seg.STATE_DIR / file).unlink(missing_ok=True)
             self._state_retired.discard(name)
             del self._state_users[name]
 
@@ -964,25 +969,28 @@ class Ledger:
 def _check_states(cur: duckdb.DuckDBPyConnection, files: Files, check: _ChainCheck) -> None:
     """Each entity state checkpoint against the (already verified) datoms it summarises: the
     first against a fold of every datom through its tx, each next one against the one before it
-    (checked) folded with the datoms in between."""
+    (checked) folded with the datoms in between; and its entities file against the checkpoint."""
     base, lo = "", 0
     for at, path in files.states:
         stored = f"SELECT {STATE_COLUMNS} FROM read_parquet({quote(path)})"
         newer = union_sql("datoms", files["datoms"], where=f"tx > {lo} AND tx <= {at}")
         expected = latest_datoms_sql(f"{base}SELECT {STATE_COLUMNS} FROM ({newer})")
-        try:
-            row = cur.execute(
-                f"SELECT count(*), min(tx) FROM (({stored} EXCEPT ALL {expected}) "
-                f"UNION ALL ({expected} EXCEPT ALL {stored}))"
-            ).fetchone()
-        except duckdb.Error as e:
-            check.fail(at, f"the entity state checkpoint at tx {at} cannot be read: {e}")
-            return
-        if row is not None and row[0]:
-            check.fail(min(int(row[1]), at), (
-                f"the entity state checkpoint at tx {at} does not match the datoms (derived data: "
-                f"delete {path} and reopen; the next seal writes a new one)"))
-            return
+        entities = f"SELECT e, state, tx, tx_time FROM read_parquet({quote(entities_file(path))})"
+        per_entity = state_sql(f"SELECT e, a, v, tx, tx_time FROM read_parquet({quote(path)})")
+        for what, found, derived in (("", stored, expected), (" (its entities file)", entities, per_entity)):
+            try:
+                row = cur.execute(
+                    f"SELECT count(*), min(tx) FROM (({found} EXCEPT ALL {derived}) "
+                    f"UNION ALL ({derived} EXCEPT ALL {found}))"
+                ).fetchone()
+            except duckdb.Error as e:
+                check.fail(at, f"the entity state checkpoint at tx {at}{what} cannot be read: {e}")
+                return
+            if row is not None and row[0]:
+                check.fail(min(int(row[1]), at), (
+                    f"the entity state checkpoint at tx {at}{what} does not match the datoms (derived "
+                    f"data: delete {path} and reopen; the next seal writes a new one)"))
+                return
         base, lo = f"{stored} UNION ALL ", at
 
 

@@ -24,8 +24,10 @@ from ledger.storage.catalog import (
     Files,
     columns,
     datoms_sql,
+    entities_file,
     index_rows_sql,
     quote,
+    state_sql,
     union_sql,
 )
 from ledger.storage.parquet_types import arrow_type, star_replace
@@ -76,14 +78,20 @@ def relation_views(pin: Pin, files: Files, suffix: str = "") -> dict[str, str]:
     if state is None:
         entities = entities_sql(pin, datoms)
     else:
-        # The checkpoint holds the latest datom of each (e, a) through its tx; a newer datom of the
-        # same (e, a) replaces it. Aggregating only the newer ones, not the checkpoint with them:
-        # bench/query.py's view at a checkpoint of 2M records took 0.32 s, not 0.57 (ad hoc).
+        # The checkpoint holds the latest datom of each (e, a) through its tx, and its entities
+        # file the state of each entity then. An entity no newer datom touches is read from the
+        # entities file as it is; the others are folded from the checkpoint and the newer datoms
+        # (a newer datom of an (e, a) replaces the checkpoint's).
         at, path = state
         newer = f"(SELECT * FROM {datoms} WHERE tx > {at})"
-        entities = state_sql(
-            f"WITH newer AS ({latest_sql(pin, newer)}) SELECT * FROM newer UNION ALL "
-            f"SELECT e, a, v, tx, tx_time FROM read_parquet({quote(path)}) ANTI JOIN newer USING (e, a)"
+        changed = (
+            "SELECT * FROM newer UNION ALL SELECT e, a, v, tx, tx_time FROM "
+            f"read_parquet({quote(path)}) SEMI JOIN changed USING (e) ANTI JOIN newer USING (e, a)"
+        )
+        entities = (
+            f"WITH newer AS ({latest_sql(pin, newer)}), changed AS (SELECT DISTINCT e FROM newer) "
+            f"SELECT * FROM read_parquet({quote(entities_file(path))}) ANTI JOIN changed USING (e) "
+            f"UNION ALL {state_sql(changed)}"
         )
 
     return {
@@ -109,18 +117,6 @@ def latest_sql(pin: Pin, datoms: str) -> str:
         "SELECT e, a, w.v AS v, w.tx AS tx, w.tx_time AS tx_time FROM (SELECT e, a, "
         f"arg_max({{'v': v, 'tx': tx, 'tx_time': tx_time}}, {pin.latest_key}) AS w FROM {datoms} "
         "GROUP BY e, a)"
-    )
-
-
-def state_sql(latest: str) -> str:
-    """State per entity from the latest datom of each of its attributes: the held ones as a JSON
-    object with its fields in attribute order (the same state is the same text); tx and tx_time
-    of the last change, a retraction included. Sorting each entity's list, not an ordered
-    string_agg, costs a fifth less."""
-    return (
-        "SELECT e, CAST('{' || array_to_string(list_transform(list_sort(list({'a': a, 'v': v}) "
-        "FILTER (WHERE v IS NOT NULL)), lambda f: to_json(f.a) || ':' || f.v), ',') || '}' AS JSON) "
-        f"AS state, max(tx) AS tx, max(tx_time) AS tx_time FROM ({latest}) GROUP BY e HAVING count(v) > 0"
     )
 
 

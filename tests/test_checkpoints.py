@@ -10,6 +10,7 @@ import pytest
 
 from ledger import Ledger
 from ledger.storage import segments as seg
+from ledger.storage.catalog import entities_file
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -33,8 +34,9 @@ def test_older_checkpoints_are_kept_every_k_segments(tmp_path: Path, monkeypatch
     monkeypatch.setattr(seg, "KEEP_STATE_EVERY", 2)
     lg = build(tmp_path / "ledger", seals=5)
     try:
-        assert sorted(p.name for p in (tmp_path / "ledger" / "state").iterdir()) == [
-            seg.state_name(2), seg.state_name(4), seg.state_name(5)]
+        kept = [seg.state_name(2), seg.state_name(4), seg.state_name(5)]
+        assert sorted(p.name for p in (tmp_path / "ledger" / "state").iterdir()) == sorted(
+            [*kept, *map(entities_file, kept)])
         for t in range(lg.head.tx + 1):
             with lg.snapshot() as (_, files):
                 start = files.state_at(t)
@@ -58,3 +60,24 @@ def test_a_changed_older_checkpoint_is_caught(tmp_path: Path, monkeypatch: pytes
         r = lg.verify()
     assert (r.ok, r.first_bad_tx) == (False, 2), r.reason
     assert r.reason is not None and "checkpoint at tx 2" in r.reason
+
+
+def test_a_checkpoint_without_its_entities_file_is_dropped_at_open(tmp_path: Path) -> None:
+    """Checkpoints written before they had an entities file (or one deleted by hand) are derived
+    data: the next open forgets them, reads fold the datoms, and the next seal writes both files."""
+    root = tmp_path / "ledger"
+    lg = build(root, seals=3)
+    expected = [lg.as_of(t).sql(STATE).to_pylist() for t in range(lg.head.tx + 1)]
+    lg.close()
+    (root / "state" / entities_file(seg.state_name(3))).unlink()
+    with Ledger.open(root, seal_every=10**9) as lg:
+        with lg.snapshot() as (_, files):
+            assert files.states == ()
+        assert not (root / "state" / seg.state_name(3)).exists()
+        assert [lg.as_of(t).sql(STATE).to_pylist() for t in range(lg.head.tx + 1)] == expected
+        assert lg.seal() == lg.head.tx
+        with lg.snapshot() as (_, files):
+            assert [s[0] for s in files.states] == [lg.head.tx]
+        assert (root / "state" / entities_file(seg.state_name(lg.head.tx))).exists()
+        assert [lg.as_of(t).sql(STATE).to_pylist() for t in range(lg.head.tx + 1)] == expected
+        assert lg.verify().ok

@@ -245,8 +245,11 @@ def test_a_superseded_checkpoint_stays_until_the_snapshots_reading_it_end(tmp_pa
         assert [tx for tx, _ in files.states] == [1]
         lg.append([{"kind": "event", "action": "set", "data": {"id": "e", "x": 2}}])
         lg.seal()  # writes the checkpoint at tx 2; this snapshot still sees the one at tx 1
-        assert sorted(p.name for p in state.iterdir()) == ["000000000001.parquet", "000000000002.parquet"]
-    assert [p.name for p in state.iterdir()] == ["000000000002.parquet"]
+        assert sorted(p.name for p in state.iterdir()) == [
+            "000000000001.entities.parquet", "000000000001.parquet",
+            "000000000002.entities.parquet", "000000000002.parquet"]
+    assert sorted(p.name for p in state.iterdir()) == [
+        "000000000002.entities.parquet", "000000000002.parquet"]
     assert lg.sql("select state->>'x' as x from entities").to_pylist() == [{"x": "2"}]
     assert lg.as_of(1).sql("select state->>'x' as x from entities").to_pylist() == [{"x": "1"}]
     lg.close()

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ledger import CorruptLedger, Ledger, Quarantined
+from ledger.storage.catalog import entities_file
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -152,19 +153,30 @@ def test_derived_datoms_changed_in_the_tail_names_that_tx(copy: Path) -> None:
     assert reason == "the datoms of tx 17 do not match its records"
 
 
-def test_entity_state_checkpoint_changed_names_that_tx(copy: Path) -> None:
-    """`entities` starts from the checkpoint the last seal wrote (state/): a value changed in it
-    is what a reader would be told, so verify() compares it with the datoms."""
+@pytest.mark.parametrize("file", ["checkpoint", "entities"])
+def test_entity_state_checkpoint_changed_names_that_tx(copy: Path, file: str) -> None:
+    """`entities` starts from the checkpoint the last seal wrote (state/): its entities file for
+    the entities no later datom changed, the checkpoint's datoms for the others (and for the next
+    seal's checkpoint). A value changed in either is what readers would be told, so verify()
+    compares both with the datoms."""
     path = copy / "state" / f"{SEALS[-1]:012d}.parquet"
+    if file == "entities":
+        path = path.with_name(entities_file(path.name))
     table = pq.read_table(path)
     rows = table.to_pylist()
-    row = next(r for r in rows if r["e"] == "acct-1" and r["a"] == "balance")
-    assert row["tx"] == SEALS[-1] and json.loads(row["v"]) == SEALS[-1]
-    row["v"] = "-1"
+    if file == "entities":
+        row = next(r for r in rows if r["e"] == "acct-1")
+        assert row["tx"] == SEALS[-1] and json.loads(row["state"])["balance"] == SEALS[-1]
+        row["state"] = json.dumps({**json.loads(row["state"]), "balance": -1}, separators=(",", ":"))
+    else:
+        row = next(r for r in rows if r["e"] == "acct-1" and r["a"] == "balance")
+        assert row["tx"] == SEALS[-1] and json.loads(row["v"]) == SEALS[-1]
+        row["v"] = "-1"
     pq.write_table(type(table).from_pylist(rows, schema=table.schema), path, compression="zstd")
     with Ledger.open(copy) as lg:
-        query = "select state->>'balance' as b from entities where e like 'acct-1'"  # not from the index
-        assert lg.sql(query, as_of=SEALS[-1]).to_pylist() == [{"b": "-1"}]  # what a reader would be told
+        if file == "entities":
+            query = "select state->>'balance' as b from entities where e like 'acct-1'"  # not from the index
+            assert lg.sql(query, as_of=SEALS[-1]).to_pylist() == [{"b": "-1"}]  # what a reader is told
         r = lg.verify()
     assert (r.ok, r.first_bad_tx, r.checked) == (False, SEALS[-1], SEALS[-1] - 1), r.reason
     assert r.reason is not None and "entity state checkpoint" in r.reason

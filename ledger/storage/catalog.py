@@ -143,6 +143,24 @@ def latest_datoms_sql(source: str) -> str:
     )
 
 
+def state_sql(latest: str) -> str:
+    """State per entity from the latest datom of each of its attributes: the held ones as a JSON
+    object with its fields in attribute order (the same state is the same text); tx and tx_time
+    of the last change, a retraction included. Sorting each entity's list, not an ordered
+    string_agg, costs a fifth less."""
+    return (
+        "SELECT e, CAST('{' || array_to_string(list_transform(list_sort(list({'a': a, 'v': v}) "
+        "FILTER (WHERE v IS NOT NULL)), lambda f: to_json(f.a) || ':' || f.v), ',') || '}' AS JSON) "
+        f"AS state, max(tx) AS tx, max(tx_time) AS tx_time FROM ({latest}) GROUP BY e HAVING count(v) > 0"
+    )
+
+
+def entities_file(state: str) -> str:
+    """The file (name or path) beside a checkpoint that holds `state_sql` of it: `entities` as of
+    the checkpoint's tx, read as it is, and for any later tx, less the entities changed since."""
+    return state.removesuffix(".parquet") + ".entities.parquet"
+
+
 class Files(dict[str, list[str]]):
     """The sealed Parquet files of each relation in one snapshot, and the entity state checkpoints
     (tx, path), oldest first, that its reads may start `entities` from."""

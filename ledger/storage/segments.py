@@ -9,7 +9,16 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any
 
-from ledger.storage.catalog import RELATIONS, SEAL_ORDER, STATE_COLUMNS, columns, latest_datoms_sql, quote
+from ledger.storage.catalog import (
+    RELATIONS,
+    SEAL_ORDER,
+    STATE_COLUMNS,
+    columns,
+    entities_file,
+    latest_datoms_sql,
+    quote,
+    state_sql,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -86,28 +95,45 @@ def state_name(tx: int) -> str:
     return f"{tx:012d}.parquet"
 
 
-def write_state(con: duckdb.DuckDBPyConnection, root: Path, tx: int, sources: list[str]) -> str:
+def write_state(
+    con: duckdb.DuckDBPyConnection, root: Path, tx: int, sources: list[str],
+    previous: tuple[str, list[str]] | None = None,
+) -> str:
     """Write the entity state checkpoint at `tx`: the latest datom of each (entity, attribute)
     in `sources` (Parquet files with the columns of STATE_COLUMNS: an older checkpoint and the
-    datoms sealed after it, or every datoms file). Returns its file name under STATE_DIR.
+    datoms sealed after it, or every datoms file), and beside it its `entities_file`, the state
+    per entity. `previous`: (the older checkpoint's name, the datoms files after it) when those
+    are the sources; its entities file is then kept but for the entities those datoms change.
+    Returns the checkpoint's file name under STATE_DIR.
 
     `entities` as of any tx >= `tx` can then fold the checkpoint and the newer datoms instead of
     the whole log. Temp name, fsync, rename, like a segment."""
     folder = root / STATE_DIR
     folder.mkdir(exist_ok=True)
     name = state_name(tx)
-    tmp = folder / f".tmp-{name}"
     union = " UNION ALL ".join(
         f"SELECT {STATE_COLUMNS} FROM read_parquet({quote(path)}) WHERE tx <= {tx}" for path in sources
     )
-    con.execute(
-        f"COPY ({latest_datoms_sql(union)} ORDER BY e, a) TO {quote(str(tmp))} "
-        "(FORMAT parquet, COMPRESSION zstd)"
-    )
-    fsync_path(tmp)
-    os.replace(tmp, folder / name)
+    _write_file(con, f"{latest_datoms_sql(union)} ORDER BY e, a", folder / name)
+    checkpoint = f"SELECT e, a, v, tx, tx_time FROM read_parquet({quote(str(folder / name))})"
+    if previous is not None and (carried := folder / entities_file(previous[0])).exists():
+        changed = " UNION ".join(f"SELECT e FROM read_parquet({quote(p)})" for p in previous[1])
+        entities = (
+            f"WITH changed AS ({changed}) SELECT * FROM read_parquet({quote(str(carried))}) "
+            f"ANTI JOIN changed USING (e) UNION ALL {state_sql(f'{checkpoint} SEMI JOIN changed USING (e)')}"
+        )
+    else:
+        entities = state_sql(checkpoint)
+    _write_file(con, f"SELECT * FROM ({entities}) ORDER BY e", folder / entities_file(name))
     fsync_path(folder)
     return name
+
+
+def _write_file(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    con.execute(f"COPY ({query}) TO {quote(str(tmp))} (FORMAT parquet, COMPRESSION zstd)")
+    fsync_path(tmp)
+    os.replace(tmp, path)
 
 
 def clean_states(root: Path, keep: set[str]) -> None:
