@@ -159,8 +159,10 @@ class QueryController(Controller):
     @get("/tx/{t:str}", responses=problems(400, 404))
     async def transaction(self, services: Services, t: str) -> dict[str, Any]:
         """One transaction (a tx number): metadata, hash and records."""
-        if not (t.isascii() and t.isdigit() and len(t) <= 18):
-            raise not_found(f"tx {t!r}")
+        if not (t.isascii() and t.isdigit()):
+            raise bad_request(f"t must be a tx number (a positive integer), got {t!r}", field="t")
+        if len(t) > 18:  # beyond any tx a ledger can hold
+            raise not_found(f"tx {t}")
         txs = await asyncio.to_thread(services.ledger.tx_range, int(t), int(t) + 1)
         if not txs:
             raise not_found(f"tx {t}")

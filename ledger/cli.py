@@ -63,9 +63,11 @@ def setting(flag: str | None, env: str, default: str) -> str:
     return os.environ.get(env) or default
 
 
-def add_data_dir(parser: argparse.ArgumentParser) -> None:
+def add_data_dir(parser: argparse.ArgumentParser, *, inherited: bool = False) -> None:
+    """`inherited`: an action's parser whose command parser has --data-dir too (either place
+    works); its default must not overwrite the value given before the action."""
     parser.add_argument(
-        "--data-dir", metavar="D",
+        "--data-dir", metavar="D", default=argparse.SUPPRESS if inherited else None,
         help=f"the ledger's data directory (env LEDGER_DATA_DIR, default {DEFAULT_DATA_DIR})",
     )
 
@@ -573,15 +575,16 @@ def run_broker(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- views
 def add_views(parser: argparse.ArgumentParser) -> None:
+    add_data_dir(parser)  # `ledger views --data-dir D list` as well as `ledger views list --data-dir D`
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("list", help="the views defined now, with their materialization state")
-    add_data_dir(p)
+    add_data_dir(p, inherited=True)
     p = sub.add_parser("show", help="one view: definition, versions, materialization")
     p.add_argument("name")
-    add_data_dir(p)
+    add_data_dir(p, inherited=True)
     p = sub.add_parser("rebuild", help="materialize a view as Parquet at the latest tx")
     p.add_argument("name")
-    add_data_dir(p)
+    add_data_dir(p, inherited=True)
 
 
 def run_views(args: argparse.Namespace) -> int:

@@ -244,8 +244,9 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
     assert bad_limit["field"] == "limit" and bad_limit["errors"][0]["key"] == "limit"
     assert_problem(httpx.get(server.url + "/commands/0190a5a0-0000-7000-8000-000000000001"), 404)
     assert_problem(httpx.get(server.url + "/events/nope"), 404)
-    for t in ("\uff13", "-1", "x", "9" * 30):  # a full-width 3 is not tx 3
-        assert_problem(httpx.get(f"{server.url}/tx/{t}"), 404)
+    for t in ("\uff13", "-1", "x"):  # a full-width 3 is not tx 3
+        assert_problem(httpx.get(f"{server.url}/tx/{t}"), 400, field="t")
+    assert_problem(httpx.get(f"{server.url}/tx/{'9' * 30}"), 404)
     assert_problem(httpx.get(server.url + "/no-such-route"), 404)
     assert_problem(httpx.get(server.url + "/commands", params={"cursor": "!!"}), 400, field="cursor")
     for cursor in ("-5", "0", str(2**63), "9" * 60):  # a 200 page before (-5 read as 0)

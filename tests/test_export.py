@@ -77,6 +77,8 @@ def test_cli_sql_binary_formats_and_views(
     capsys.readouterr()
     assert main(["views", "list", "--data-dir", str(data)]) == 0
     assert capsys.readouterr().out.startswith("amounts\tdefined at tx 8\tnone")
+    assert main(["views", "--data-dir", str(data), "list"]) == 0  # the option before the action too
+    assert capsys.readouterr().out.startswith("amounts\tdefined at tx 8\tnone")
     assert main(["views", "rebuild", "amounts", "--data-dir", str(data)]) == 0
     assert "7 rows at tx 8" in capsys.readouterr().out
     assert main(["views", "show", "amounts", "--data-dir", str(data)]) == 0
