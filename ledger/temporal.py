@@ -84,14 +84,14 @@ def relation_views(pin: Pin, files: Files, suffix: str = "") -> dict[str, str]:
         # (a newer datom of an (e, a) replaces the checkpoint's).
         at, path = state
         newer = f"(SELECT * FROM {datoms} WHERE tx > {at})"
-        changed = (
+        folded = (
             "SELECT * FROM newer UNION ALL SELECT e, a, v, tx, tx_time FROM "
             f"read_parquet({quote(path)}) SEMI JOIN changed USING (e) ANTI JOIN newer USING (e, a)"
         )
         entities = (
             f"WITH newer AS ({latest_sql(pin, newer)}), changed AS (SELECT DISTINCT e FROM newer) "
             f"SELECT * FROM read_parquet({quote(entities_file(path))}) ANTI JOIN changed USING (e) "
-            f"UNION ALL {state_sql(changed)}"
+            f"UNION ALL {state_sql(folded)}"
         )
 
     return {
