@@ -422,10 +422,12 @@ class Ledger:
             cur.execute("SET TimeZone = 'UTC'")
             with self._state_lock:  # a seal retiring the checkpoint this snapshot sees waits
                 cur.execute("BEGIN TRANSACTION")
-                dirs = [r[0] for r in cur.execute("SELECT dir FROM segments ORDER BY first_tx").fetchall()]
+                segments = cur.execute("SELECT dir, last_tx FROM segments ORDER BY first_tx").fetchall()
                 states = cur.execute("SELECT tx, file FROM entity_state ORDER BY tx").fetchall()
                 self._state_users.update(f for _, f in states)
                 files.states = tuple((tx, str(self.root / seg.STATE_DIR / f)) for tx, f in states)
+            dirs = [d for d, _ in segments]
+            files.sealed_through, files.cursor = (segments[-1][1] if segments else 0), cur
             base = self.root / seg.SEGMENTS_DIR
             files.update({rel: [str(base / d / f"{rel}.parquet") for d in dirs] for rel in RELATIONS})
             yield cur, files

@@ -68,15 +68,23 @@ class Pin:
         return "(tx, seq)"
 
 
-def relation_views(pin: Pin, files: Files, suffix: str = "") -> dict[str, str]:
-    """The SQL of every relation a query sees, restricted to `pin` (named with `suffix`)."""
+def relation_views(
+    pin: Pin, files: Files, suffix: str = "", needed: Set[str] | None = None
+) -> dict[str, str]:
+    """The SQL of every relation a query sees, restricted to `pin` (named with `suffix`).
+    `entities` is left empty unless `needed` (the relations the query may read) names it: working
+    it out may take a query."""
     def pinned(relation: str, valid: bool) -> str:
         return union_sql(relation, files[relation], where=pin.where(valid=valid))
 
     datoms = f"datoms{suffix}"
     state = files.state_at(pin.basis) if pin.since is None and pin.valid_at is None else None
-    if state is None:
+    if needed is not None and f"entities{suffix}" not in needed:
+        entities = ""
+    elif state is None:
         entities = entities_sql(pin, datoms)
+    elif not files.datoms_between(state[0], pin.basis):  # the checkpoint's state is the answer
+        entities = f"SELECT * FROM read_parquet({quote(entities_file(state[1]))})"
     else:
         # The checkpoint holds the latest datom of each (e, a) through its tx, and its entities
         # file the state of each entity then. An entity no newer datom touches is read from the
@@ -526,12 +534,11 @@ def _watch_progress(cur: duckdb.DuckDBPyConnection, done: threading.Event,
 
 def _bodies(pins: Sequence[tuple[Pin, str]], files: Files, text: str) -> dict[str, str]:
     """The SQL of each relation (at each pin) that `text` may read."""
-    return {
-        name: body
-        for p, suffix in pins
-        for name, body in relation_views(p, files, suffix).items()
-        if name in needed_relations(text, suffix)
-    }
+    bodies: dict[str, str] = {}
+    for p, suffix in pins:
+        needed = needed_relations(text, suffix)
+        bodies.update((n, b) for n, b in relation_views(p, files, suffix, needed).items() if n in needed)
+    return bodies
 
 
 _EXPLAIN = re.compile(r"^\s*EXPLAIN(\s+ANALYZE)?\s+", re.IGNORECASE)

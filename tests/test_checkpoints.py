@@ -81,3 +81,27 @@ def test_a_checkpoint_without_its_entities_file_is_dropped_at_open(tmp_path: Pat
         assert (root / "state" / entities_file(seg.state_name(lg.head.tx))).exists()
         assert [lg.as_of(t).sql(STATE).to_pylist() for t in range(lg.head.tx + 1)] == expected
         assert lg.verify().ok
+
+
+def test_entities_after_a_checkpoint_with_no_newer_datoms_is_its_entities_file(tmp_path: Path) -> None:
+    """When no datom came after the checkpoint (txs of commands, of events naming no entity),
+    `entities` is the checkpoint's entities file as it is; a newer datom brings the fold back."""
+    lg = build(tmp_path / "ledger", seals=3)
+    try:
+        lg.seal()  # the tail tx too: the checkpoint is at the head
+        at = lg.head.tx
+        lg.append([{"kind": "command", "action": "c", "data": {"id": "e1", "n": 5}},
+                   {"kind": "event", "action": "no-entity", "data": {"n": 5}}])
+
+        def plan() -> str:
+            return str(lg.sql("EXPLAIN SELECT * FROM entities").column(1)[0]).upper()
+
+        assert "JOIN" not in plan() and "READ_PARQUET" in plan()  # one file, read as it is
+        scanned = lg.sql(STATE, valid_at="9999-01-01T00:00:00Z").to_pylist()
+        assert lg.sql(STATE).to_pylist() == scanned == lg.as_of(at).sql(STATE).to_pylist()
+        lg.append([{"kind": "event", "action": "set", "data": {"id": "e1", "n": 6}}])
+        assert "JOIN" in plan()  # folded from the checkpoint again
+        changed = lg.sql(STATE).to_pylist()
+        assert changed == lg.sql(STATE, valid_at="9999-01-01T00:00:00Z").to_pylist() != scanned
+    finally:
+        lg.close()

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    import duckdb
+
 # Columns of each sealed relation, in storage order. The tail tables and the Parquet segments
 # share them exactly, so a reader can UNION ALL the two.
 RELATIONS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -166,10 +168,23 @@ class Files(dict[str, list[str]]):
     (tx, path), oldest first, that its reads may start `entities` from."""
 
     states: tuple[tuple[int, str], ...] = ()
+    sealed_through: int = 0  # the last sealed tx
+    cursor: duckdb.DuckDBPyConnection | None = None  # the snapshot's, for datoms_between
 
     def state_at(self, basis: int) -> tuple[int, str] | None:
         """The newest checkpoint a read as of `basis` can start from."""
         return next((s for s in reversed(self.states) if s[0] <= basis), None)
+
+    def datoms_between(self, low: int, high: int) -> bool:
+        """Whether this snapshot may hold a datom with low < tx <= high (True when unsure)."""
+        if high <= low:
+            return False
+        if self.sealed_through > low or self.cursor is None:
+            return True
+        found = self.cursor.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM tail_index WHERE tx > ? AND tx <= ? LIMIT 1)", [low, high]
+        ).fetchall()
+        return bool(found[0][0])
 
 
 def tail_datoms_ddl(entity_key: str | None) -> str:
