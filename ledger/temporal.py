@@ -68,18 +68,15 @@ class Pin:
         return "(tx, seq)"
 
 
-def relation_views(
-    pin: Pin, files: Files, suffix: str = "", needed: Set[str] | None = None
-) -> dict[str, str]:
-    """The SQL of every relation a query sees, restricted to `pin` (named with `suffix`).
-    `entities` is left empty unless `needed` (the relations the query may read) names it: working
-    it out may take a query."""
+def relation_views(pin: Pin, files: Files, suffix: str, needed: Set[str]) -> dict[str, str]:
+    """The SQL of the relations `needed` (named with `suffix`), restricted to `pin`. (`entities`
+    is worked out only when needed: that may take a query.)"""
     def pinned(relation: str, valid: bool) -> str:
         return union_sql(relation, files[relation], where=pin.where(valid=valid))
 
     datoms = f"datoms{suffix}"
     state = files.state_at(pin.basis) if pin.since is None and pin.valid_at is None else None
-    if needed is not None and f"entities{suffix}" not in needed:
+    if f"entities{suffix}" not in needed:
         entities = ""
     elif state is None:
         entities = entities_sql(pin, datoms)
@@ -102,7 +99,7 @@ def relation_views(
             f"UNION ALL {state_sql(folded)}"
         )
 
-    return {
+    bodies = {
         f"log{suffix}": pinned("records", True),
         f"commands{suffix}": f"SELECT * FROM log{suffix} WHERE kind = 'command'",
         f"events{suffix}": f"SELECT * FROM log{suffix} WHERE kind = 'event'",
@@ -111,6 +108,7 @@ def relation_views(
         f"transactions{suffix}": pinned("transactions", False),
         f"quarantine{suffix}": pinned("quarantine", False),
     }
+    return {n: b for n, b in bodies.items() if n in needed}
 
 
 def entities_sql(pin: Pin, datoms: str) -> str:
@@ -536,8 +534,7 @@ def _bodies(pins: Sequence[tuple[Pin, str]], files: Files, text: str) -> dict[st
     """The SQL of each relation (at each pin) that `text` may read."""
     bodies: dict[str, str] = {}
     for p, suffix in pins:
-        needed = needed_relations(text, suffix)
-        bodies.update((n, b) for n, b in relation_views(p, files, suffix, needed).items() if n in needed)
+        bodies.update(relation_views(p, files, suffix, needed_relations(text, suffix)))
     return bodies
 
 
