@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from litestar import Litestar, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.plugins.problem_details import (
@@ -19,7 +21,7 @@ from litestar.plugins.problem_details import (
 from api.commands import CommandController
 from api.errors import bad_request, from_http_exception, from_ledger_error, problem
 from api.events import EventController
-from api.query import QueryController
+from api.query import ENTITIES, QueryController
 from api.schemas import SchemaController
 from api.services import Services, Settings, lifespan
 from api.updates import sse_updates, ws_updates
@@ -28,6 +30,7 @@ from ledger.errors import LedgerError
 
 if TYPE_CHECKING:
     from litestar import Request
+    from litestar.types import Receive, Scope, Send
 
 log = logging.getLogger("api")
 
@@ -69,10 +72,25 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
                    kind="internal").to_response(request)
 
 
+class _App(Litestar):
+    """Routes /entities/... on the path as the client sent it, still percent-encoded, so that an
+    entity id holding `/` (sent as `%2F`) stays one path segment; the handlers decode it
+    (api.query.decode_entity_id). The server has already decoded `path`; `raw_path` is what was sent."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+        if scope["type"] == ScopeType.HTTP and scope["path"].startswith(ENTITIES):
+            raw = scope.get("raw_path")  # (bytes beyond ASCII, which a client should have escaped, too)
+            if raw is None or not raw.startswith(ENTITIES.encode()):
+                scope["path"] = quote(scope["path"], safe="/")
+            else:
+                scope["path"] = quote(raw, safe="/%")
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings()
     services = Services(settings)
-    return Litestar(
+    return _App(
         route_handlers=[
             CommandController, EventController, QueryController, SchemaController,
             sse_updates, ws_updates, health, ready, ViewController, export,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypedDict
@@ -83,13 +84,27 @@ def _not_a_number(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
+class _LongInteger(ValueError):
+    pass
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # more digits than sys.get_int_max_str_digits()
+        raise _LongInteger(f"body holds an integer of {len(text.lstrip('-')):,} digits; at most "
+                           f"{sys.get_int_max_str_digits():,} are accepted") from None
+
+
 def parse_command(body: bytes) -> dict[str, Any]:
     """The request body as a command envelope, checked as the ledger will check the record it
     becomes (so what is accepted here is never quarantined); 400 naming the field otherwise."""
     try:
-        env = json.loads(body, parse_float=_finite, parse_constant=_not_a_number)
+        env = json.loads(body, parse_float=_finite, parse_int=_integer, parse_constant=_not_a_number)
     except RecursionError as e:
         raise bad_request(f"body nests deeper than {MAX_JSON_DEPTH} levels", field="data") from e
+    except _LongInteger as e:
+        raise bad_request(str(e), field="body") from e
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"body is not valid JSON: {e}", field="body", kind="malformed-json") from e
     if not isinstance(env, dict):

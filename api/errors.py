@@ -117,6 +117,9 @@ def from_http_exception(exc: HTTPException, *, max_body_bytes: int | None = None
         extra = exc.extra
     elif exc.status_code == 400 and type(exc) is ClientException:  # the body did not decode
         detail, extra = f"body is not valid JSON: {exc.detail}", {"field": "body"}
+        if exc.detail == "Input data was truncated":  # msgspec says so of a lone high surrogate too
+            detail = ("body is not valid JSON: it ends before the JSON value does, or a \\ud800-\\udbff "
+                      "escape is not followed by its low surrogate")
         kind = "malformed-json"
     elif m := _MISSING.match(str(detail)):
         extra = {"field": m[1]}

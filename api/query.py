@@ -10,6 +10,7 @@ import re
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -125,6 +126,18 @@ def _encoded(table: pa.Table, accept: str) -> Response[Any]:
     return Response({"columns": columns, "rows": rows, "row_count": len(rows), "truncated": truncated})
 
 
+ENTITIES = "/entities/"
+
+
+def decode_entity_id(segment: str) -> str:
+    """An entity id from its path segment, which reaches the handlers still percent-encoded (see
+    api.app._App): `/` in an id is sent as `%2F`."""
+    try:
+        return unquote(segment, errors="strict")
+    except UnicodeDecodeError:
+        raise bad_request("the entity id is not percent-encoded UTF-8", field="entity_id") from None
+
+
 class QueryController(Controller):
     tags = ["query"]
 
@@ -132,7 +145,9 @@ class QueryController(Controller):
     async def entity(
         self, services: Services, entity_id: str, as_of: str | None = None, valid_at: str | None = None,
     ) -> dict[str, Any]:
-        """An entity's attributes as of a tx or instant (and valid at an instant)."""
+        """An entity's attributes as of a tx or instant (and valid at an instant). An id holding `/`
+        is sent percent-encoded (`%2F`)."""
+        entity_id = decode_entity_id(entity_id)
         lg = services.ledger
         db = lg.db() if as_of is None else lg.as_of(time_param(as_of, "as_of") or 0)
         valid = instant_param(valid_at, "valid_at")
@@ -147,6 +162,7 @@ class QueryController(Controller):
         self, services: Services, entity_id: str, since: str | None = None, until: str | None = None,
     ) -> dict[str, Any]:
         """Every assertion and retraction of the entity, with tx, tx_time, valid time and record."""
+        entity_id = decode_entity_id(entity_id)
         datoms = await asyncio.to_thread(
             services.ledger.history, entity_id, since=time_param(since, "since"),
             until=time_param(until, "until"),

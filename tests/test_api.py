@@ -482,6 +482,13 @@ def test_every_json_body_endpoint_names_the_body_when_the_body_is_at_fault(serve
             assert "data" not in body["detail"].split(":")[0], body  # not Litestar's name for the body
     resp = httpx.put(server.url + "/schemas/a", json=True)  # a JSON Schema may be a boolean; not here
     assert assert_problem(resp, 400)["field"] == "body"
+    # Messages that misled: msgspec calls a lone high surrogate "truncated"; Python's integer limit
+    # told an HTTP client to call sys.set_int_max_str_digits().
+    lone = httpx.post(server.url + "/query", content=b'{"sql": "SELECT \\ud800 x"}')
+    assert "surrogate" in assert_problem(lone, 400, field="body")["detail"]
+    long_int = post_command(server, b'{"action": "x", "data": {"n": ' + b"9" * 5000 + b"}}")
+    assert "5,000 digits" in assert_problem(long_int, 400, field="body")["detail"]
+    assert "sys." not in long_int.json()["detail"]
 
 
 def test_what_used_to_be_500s_and_misplaced_errors_in_query(server: Server) -> None:

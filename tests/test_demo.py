@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pyarrow as pa
@@ -153,6 +154,17 @@ def test_temporal_reads_over_http_on_the_bank_ledger(bank: Server) -> None:
             f"AS cur FROM entities FOR SYSTEM_TIME AS OF {first['tx']} AS past "
             "JOIN entities AS cur ON past.e = cur.e WHERE cur.e = $a"}).json()
         assert both.get("rows") == [[100, 150]], both
+
+        # Any id is one path segment when percent-encoded: `/` (even before "history"), `%`, space,
+        # non-ASCII. (Was 404: the server decodes %2F before routing.)
+        odd = "ops/history 100%/ü"
+        assert sync(client, "open-account", {"account": odd, "owner": "ops"}).status_code == 201
+        path = "/entities/" + quote(odd, safe="")
+        assert wait_for(lambda: client.get(path).json().get("state")) == {"balance": 0, "owner": "ops"}
+        assert client.get(path).json()["id"] == odd
+        assert [d["a"] for d in client.get(path + "/history").json()["datoms"]] == ["balance", "owner"]
+        assert client.get("/entities/ops%2F").status_code == 404  # a prefix of the id is not the entity
+        assert client.get("/entities/%FF").json()["field"] == "entity_id"  # not UTF-8: 400, named
 
     records = read_sse(bank.url + f"/updates?kind=event&after_tx={before_tx}", {}, 3)
     assert [r["id"] for r in records if r["data"].get("id") == acct][:3] == [e["id"] for e in events]
