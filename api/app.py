@@ -19,7 +19,7 @@ from litestar.plugins.problem_details import (
 )
 
 from api.commands import CommandController
-from api.errors import bad_request, from_http_exception, from_ledger_error, problem
+from api.errors import bad_request, from_http_exception, from_ledger_error, not_utf8, problem
 from api.events import EventController
 from api.query import ENTITIES, QueryController
 from api.schemas import SchemaController
@@ -66,6 +66,11 @@ def _too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[
                        kind="malformed-json").to_response(request)
 
 
+def _not_utf8(request: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[Any]:
+    """Litestar decoding a JSON body (POST /commands reads its own)."""
+    return not_utf8(exc).to_response(request)
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem(500, "Internal server error", f"{type(exc).__name__}: the error was logged",
@@ -101,7 +106,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         plugins=[ProblemDetailsPlugin(ProblemDetailsConfig())],  # Litestar's own errors: _http_error
         exception_handlers={
             LedgerError: _ledger_error, HTTPException: _http_error, RecursionError: _too_deep,
-            Exception: _unexpected,
+            UnicodeDecodeError: _not_utf8, Exception: _unexpected,
         },
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Commander Ledger", version="0.1.0", path="/schema",

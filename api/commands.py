@@ -19,7 +19,7 @@ from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.plugins.problem_details import ProblemDetailsException
 
-from api.errors import bad_request, json_type, not_found, problem, problems, unavailable
+from api.errors import bad_request, json_type, not_found, not_utf8, problem, problems, unavailable
 from api.records import children, decode_cursor, encode_cursor, get_record, list_records
 from api.services import Services  # Litestar reads handler annotations at runtime
 from ledger.consumer import MAX_JSON_DEPTH, MAX_VALUE_BYTES
@@ -105,7 +105,9 @@ def parse_command(body: bytes) -> dict[str, Any]:
         raise bad_request(f"body nests deeper than {MAX_JSON_DEPTH} levels", field="data") from e
     except _LongInteger as e:
         raise bad_request(str(e), field="body") from e
-    except (ValueError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise not_utf8(e) from e
+    except ValueError as e:
         raise bad_request(f"body is not valid JSON: {e}", field="body", kind="malformed-json") from e
     if not isinstance(env, dict):
         raise bad_request(f"body must be a JSON object, got {json_type(env)}", field="body")

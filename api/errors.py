@@ -71,6 +71,12 @@ def bad_request(
     return problem(400, "Bad request", detail, kind=kind)
 
 
+def not_utf8(exc: UnicodeDecodeError) -> ProblemDetailsException:
+    """A JSON body holding bytes that are not UTF-8."""
+    return bad_request(f"body is not valid JSON: it is not UTF-8 ({exc.reason}: byte "
+                       f"0x{exc.object[exc.start]:02x})", field="body", kind="malformed-json")
+
+
 def json_type(value: object) -> str:
     """The JSON name of a decoded value's type, for messages ("got array", not "got list")."""
     names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}

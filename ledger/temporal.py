@@ -233,6 +233,16 @@ def check_read_only(query: str) -> None:
         # Named as written: DuckDB files INSTALL under LOAD, USE under SET, CHECKPOINT under CALL.
         word = _FIRST_WORD.match(statements[0].query)
         raise InvalidQuery(f"only SELECT queries are allowed, not {word[1].upper() if word else kind.name}")
+    if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs what it explains: a SELECT only
+        explain = _EXPLAIN.match(query)
+        try:
+            explained = duckdb.extract_statements(query[explain.end():]) if explain else []
+        except duckdb.Error:  # EXPLAIN (FORMAT ...) SELECT: options are not supported
+            explained = []
+        if [s.type for s in explained] != [duckdb.StatementType.SELECT]:
+            word = _FIRST_WORD.match(query[explain.end():]) if explain and explained else None
+            raise InvalidQuery("EXPLAIN [ANALYZE] explains a SELECT only, not "
+                               + (word[1].upper() if word else "that form"))
 
 
 _FIRST_WORD = re.compile(r"\s*([A-Za-z]+)")

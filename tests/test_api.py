@@ -486,6 +486,12 @@ def test_every_json_body_endpoint_names_the_body_when_the_body_is_at_fault(serve
     # told an HTTP client to call sys.set_int_max_str_digits().
     lone = httpx.post(server.url + "/query", content=b'{"sql": "SELECT \\ud800 x"}')
     assert "surrogate" in assert_problem(lone, 400, field="body")["detail"]
+    for method, path, content in [("POST", "/query", b'{"sql": "SELECT \xff"}'),
+                                  ("PUT", "/views/v", b'{"sql": "SELECT 1", "description": "\xfe"}'),
+                                  ("PUT", "/schemas/a", b'{"description": "\xff"}'),
+                                  ("POST", "/commands", b'{"action": "\xff", "data": {}}')]:
+        resp = httpx.request(method, server.url + path, content=content)  # was 500 but for /commands
+        assert "UTF-8" in assert_problem(resp, 400, field="body")["detail"], path
     long_int = post_command(server, b'{"action": "x", "data": {"n": ' + b"9" * 5000 + b"}}")
     assert "5,000 digits" in assert_problem(long_int, 400, field="body")["detail"]
     assert "sys." not in long_int.json()["detail"]

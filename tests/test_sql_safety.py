@@ -26,11 +26,19 @@ def lg(tmp_path: Path) -> Ledger:
     "COPY (SELECT 1) TO '/tmp/x.csv'", "ATTACH '/tmp/other.duckdb' AS o", "INSTALL httpfs",
     "LOAD httpfs", "SET enable_external_access = true", "PRAGMA database_list",
     "SELECT 1; DELETE FROM log", "CHECKPOINT",
+    # EXPLAIN ANALYZE runs the statement it explains (found by audit: these ran, and SET stuck)
+    "EXPLAIN ANALYZE SET threads = 1", "EXPLAIN ANALYZE SET memory_limit = '40GB'",
+    "explain  analyze\n RESET threads", "EXPLAIN ANALYZE CREATE TABLE zz AS SELECT 1",
+    "EXPLAIN ANALYZE DROP TABLE IF EXISTS offsets", "EXPLAIN CREATE MACRO log() AS TABLE SELECT 1",
+    "EXPLAIN (FORMAT json) SELECT 1",
 ])
 def test_only_select_runs(lg: Ledger, statement: str) -> None:
+    settings = "SELECT current_setting('threads') AS t, current_setting('memory_limit') AS m"
+    before = lg.sql(settings).to_pylist()
     with pytest.raises(InvalidQuery):
         lg.sql(statement)
     assert lg.sql("SELECT count(*) AS n FROM log").to_pylist() == [{"n": 8}]
+    assert lg.sql(settings).to_pylist() == before
     assert lg.verify().ok
 
 
