@@ -622,7 +622,7 @@ def _rebuild_view(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
 
     with lg:
-        status = views.rebuild(lg, args.name, on_progress=progress)
+        status = views.rebuild(lg, args.name, on_progress=progress, timeout=None)  # Ctrl-C stops it
     print(file=sys.stderr)
     print(f"{args.name}: {status['rows']} rows at tx {status['tx']} in {status['seconds']} s")
     return OK

@@ -350,12 +350,14 @@ class Database:
         timeout: float | None = DEFAULT_TIMEOUT,
         limit: int | None = None,
         progress: Callable[[float], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> pa.Table:
         """Run one SELECT over log, commands, events, datoms, entities, transactions, quarantine.
 
-        A query running longer than `timeout` seconds is interrupted; `limit` caps the rows
-        returned (the result's schema metadata says `truncated` when rows were cut). `progress`
-        is called now and then, from another thread, with DuckDB's estimate of the fraction done.
+        A query running longer than `timeout` seconds, or when `cancel` is set, is interrupted;
+        `limit` caps the rows returned (the result's schema metadata says `truncated` when rows
+        were cut). `progress` is called now and then, from another thread, with DuckDB's estimate
+        of the fraction done.
         """
         from ledger import views  # views build on this module
 
@@ -394,6 +396,8 @@ class Database:
                 timer.start()
             done = threading.Event()
             watcher = None if progress is None else _watch_progress(cur, done, progress)
+            if cancel is not None:
+                threading.Thread(target=_interrupt_when, args=(cur, cancel, done), daemon=True).start()
             try:
                 try:
                     rel = cur.sql(sql, params=params)
@@ -442,6 +446,8 @@ class Database:
                 table = run(cur, query)
                 assert table is not None
         except duckdb.InterruptException as e:
+            if cancel is not None and cancel.is_set():
+                raise InvalidQuery("query cancelled") from e
             raise InvalidQuery(f"query interrupted: it ran longer than the {timeout} s limit") from e
         except duckdb.Error as e:
             raise InvalidQuery((plan and plan.explain(str(e))) or _caller_lines(str(e).strip(), query)) from e
@@ -519,6 +525,14 @@ def _caller_lines(message: str, query: str) -> str:
 
 
 PROGRESS_EVERY = 0.25  # seconds between two readings of a running query's progress
+
+
+def _interrupt_when(cur: duckdb.DuckDBPyConnection, cancel: threading.Event, done: threading.Event) -> None:
+    """Interrupt the query running on `cur` if `cancel` is set before `done` (checked every 0.1 s)."""
+    while not done.wait(0.1):
+        if cancel.is_set():
+            cur.interrupt()
+            return
 
 
 def _watch_progress(cur: duckdb.DuckDBPyConnection, done: threading.Event,

@@ -383,6 +383,9 @@ def drop_view(lg: Ledger, name: str) -> ViewVersion:
     """Record that a view is gone (its past definitions stay in the log); returns the last one."""
     last = definition(lg, name)
     lg.append([{"kind": "event", "action": DROPPED, "data": {"name": name}}], meta={"view": name})
+    with _building_lock:
+        if (rebuilding := _building.get((str(lg.root), name))) is not None:
+            rebuilding.set()  # it stops, and removes what it wrote
     shutil.rmtree(lg.root / VIEWS_DIR / name, ignore_errors=True)  # a cache of a view now gone
     return last
 
@@ -567,7 +570,11 @@ def _usable(root: Path, name: str, version: ViewVersion, basis: int) -> tuple[Pa
     return path, m, bool(status.get("incremental"))
 
 
-_building: set[tuple[str, str]] = set()
+# Seconds a rebuild's evaluation may run before it is interrupted (the CLI passes None).
+REBUILD_TIMEOUT = 600.0
+
+# The rebuilds running in this process; an event set asks one to stop (its view was dropped).
+_building: dict[tuple[str, str], threading.Event] = {}
 _building_lock = threading.Lock()
 
 
@@ -584,7 +591,7 @@ def start_rebuild(lg: Ledger, name: str) -> bool:
     with _building_lock:
         if key in _building:
             return False
-        _building.add(key)
+        _building[key] = threading.Event()
     _write_status(lg.root, name, {**(read_status(lg.root, name) or {}), "state": "building",
                                   "progress": 0.0, "started": _now(), "finished": None, "error": None})
     return True
@@ -596,16 +603,19 @@ def _now() -> str:
 
 def rebuild(
     lg: Ledger, name: str, *, on_progress: Callable[[float, str], None] | None = None,
-    claimed: bool = False,
+    claimed: bool = False, timeout: float | None = REBUILD_TIMEOUT,
 ) -> dict[str, Any]:
     """Evaluate the view over the full log at the head tx M and store it as
-    views/<name>/<M>.parquet (zstd) with a status file; returns the status.
+    views/<name>/<M>.parquet (zstd) with a status file; returns the status. The evaluation is
+    interrupted after `timeout` seconds, or when the view is dropped.
 
     `claimed`: the caller already called start_rebuild (the API does, to answer 202 at once).
     """
     if not claimed and not start_rebuild(lg, name):
         raise LedgerError(f"view {name!r} is already being rebuilt")
     root = lg.root
+    with _building_lock:
+        dropped = _building[(str(root), name)]
     previous = read_status(root, name) or {}
     started = time.monotonic()
 
@@ -625,8 +635,8 @@ def rebuild(
         progress(0.05, evaluating)
         with _using(defs):  # from the log itself, not from any materialization
             db = lg.as_of(m)
-            select, cast = portable_select(db, name, timeout=None)
-            table = db.sql(select, timeout=None,
+            select, cast = portable_select(db, name, timeout=timeout)
+            table = db.sql(select, timeout=timeout, cancel=dropped,
                            progress=lambda done: progress(0.05 + 0.75 * done, evaluating))
         if cast:  # reads cast them back
             table = table.cast(pa.schema(
@@ -650,6 +660,9 @@ def rebuild(
             on_progress(1.0, "done")
         return status
     except BaseException as e:
+        if dropped.is_set():  # no status to keep for a view that is gone
+            shutil.rmtree(_dir(root, name), ignore_errors=True)
+            raise
         failed = {**previous, "state": "failed", "error": f"{type(e).__name__}: {e}",
                   "finished": _now(), "seconds": round(time.monotonic() - started, 3)}
         with contextlib.suppress(OSError):
@@ -657,7 +670,7 @@ def rebuild(
         raise
     finally:
         with _building_lock:
-            _building.discard((str(root), name))
+            _building.pop((str(root), name), None)
 
 
 def status(lg: Ledger, name: str) -> dict[str, Any]:

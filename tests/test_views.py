@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
@@ -233,6 +234,30 @@ def test_a_long_rebuild_reports_progress_while_it_runs(lg: Ledger, monkeypatch: 
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and status["state"] == "ready"
     assert all(abs(f - stored) < 1e-3 for f, stored in seen[:-1])  # GET /views/{name} shows each
     assert v.status(lg, "slow")["progress"] == 1.0
+
+
+def test_a_rebuild_stops_at_its_time_limit_and_when_its_view_is_dropped(lg: Ledger) -> None:
+    """Found by audit: a rebuild ran unbounded, and dropping its view left it running (and its
+    directory, recreated by the failed status, on disk)."""
+    endless = "SELECT count(*) AS n FROM range(1000000000000)"
+    v.define_view(lg, "endless", endless)
+    started = time.monotonic()
+    with pytest.raises(InvalidQuery, match="interrupted"):
+        v.rebuild(lg, "endless", timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert v.status(lg, "endless")["state"] == "failed" and not v.building(lg, "endless")
+
+    assert v.start_rebuild(lg, "endless")
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(v.rebuild, lg, "endless", claimed=True)
+        time.sleep(0.5)
+        assert not running.done()
+        v.drop_view(lg, "endless")
+        with pytest.raises(InvalidQuery, match="cancelled"):
+            running.result(timeout=10)
+    assert not (lg.root / v.VIEWS_DIR / "endless").exists()
+    v.define_view(lg, "endless", "SELECT 1 AS n")  # the name is free again
+    assert v.rebuild(lg, "endless")["rows"] == 1
 
 
 def test_a_materialization_keeps_json_columns_json(lg: Ledger) -> None:
