@@ -519,6 +519,35 @@ def add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", metavar="HOST:PORT",
                         help="Kafka bootstrap (env LEDGER_KAFKA_BOOTSTRAP; unset: run the bundled broker)")
     parser.add_argument("--demo", action="store_true", help="also run the example bank processor")
+    parser.add_argument("--memory-limit", metavar="SIZE",
+                        help="memory this process may allocate: a share of RAM (60%%), a size (8GiB) or "
+                             "none (env LEDGER_MEMORY_LIMIT, default 60%%)")
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(%|MiB|GiB|TiB)", re.IGNORECASE)
+_UNITS = {"mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def limit_memory(text: str) -> int | None:
+    """Cap this process's data segment (RLIMIT_DATA) at `text`, so that an allocation past it
+    fails (a query: DuckDB's out-of-memory error, HTTP 400) rather than the kernel killing the
+    service; DuckDB's own memory_limit is set below it (ledger.ledger._confine). Bytes, or None."""
+    import resource
+
+    if text.strip().lower() == "none":
+        return None
+    m = _SIZE.fullmatch(text.strip())
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = (None if m is None else int(ram * float(m[1]) / 100) if m[2] == "%"
+             else int(float(m[1]) * _UNITS[m[2].lower()]))
+    if limit is None or not 256 << 20 <= limit <= ram:
+        raise UsageError(f"memory limit must be a share of RAM (60%), a size from 256MiB up to RAM "
+                         f"(8GiB) or none, got {text!r}")
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    return limit
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -537,6 +566,7 @@ def run_serve(args: argparse.Namespace) -> int:
     port = _int_setting("--port" if args.port else "LEDGER_PORT", setting(args.port, "LEDGER_PORT", "8000"))
     if not 1 <= port <= 65535:
         raise UsageError(f"port must be between 1 and 65535, got {port}")
+    limit_memory(setting(args.memory_limit, "LEDGER_MEMORY_LIMIT", "60%"))  # (the broker's too)
     # Opened here, not in the app's startup: a data dir another process writes is one line and
     # exit code 1, not an ASGI lifespan traceback.
     settings.ledger = Ledger.open(settings.data_dir)

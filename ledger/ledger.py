@@ -9,6 +9,7 @@ import logging
 import operator
 import os
 import re
+import resource
 import threading
 import time
 import weakref
@@ -1007,6 +1008,11 @@ def _bytes_under(root: Path) -> int:
     return total
 
 
+# Of a process's memory limit, what DuckDB may use: the rest is for Python, Arrow results and
+# the allocations DuckDB does not count (a list built by range() in one call, ...).
+DUCKDB_SHARE_OF_LIMIT = 0.6
+
+
 def _confine(con: duckdb.DuckDBPyConnection, root: Path) -> None:
     """No file access beyond the ledger's own segments and materialized views, whatever SQL a
     reader sends."""
@@ -1016,6 +1022,9 @@ def _confine(con: duckdb.DuckDBPyConnection, root: Path) -> None:
     allowed = ", ".join(quote(str(d) + "/") for d in (segments, views, state))
     con.execute(f"SET allowed_directories = [{allowed}]")
     con.execute("SET enable_external_access = false")
+    soft, _hard = resource.getrlimit(resource.RLIMIT_DATA)  # ledger serve --memory-limit
+    if soft != resource.RLIM_INFINITY:  # DuckDB spills to disk before the process hits it
+        con.execute(f"SET memory_limit = '{int(soft * DUCKDB_SHARE_OF_LIMIT) >> 20}MiB'")
 
 
 def _rows_by_tx(

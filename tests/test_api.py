@@ -78,7 +78,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    srv = Server(tmp_path_factory.mktemp("api") / "data").start()
+    srv = Server(tmp_path_factory.mktemp("api") / "data", "--memory-limit", "3GiB").start()
     yield srv
     srv.stop()
 
@@ -281,6 +281,17 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
         assert_problem(resp, 400, field=field)
     # the service keeps serving after every one of those
     assert httpx.get(server.url + "/ready").status_code == 200
+
+
+def test_a_query_past_the_memory_limit_is_400_and_the_service_stays_up(server: Server) -> None:
+    """Found by audit: one query (an 8 GB list DuckDB does not count against its memory_limit)
+    grew the service until the kernel killed it. Under --memory-limit the allocation fails."""
+    for sql in ("SELECT list_sum(range(1000000000)) AS s", "SELECT sum(length(repeat('x', 1000000000)))"):
+        resp = httpx.post(server.url + "/query", json={"sql": sql}, timeout=60)
+        assert "memory" in assert_problem(resp, 400)["detail"].lower(), sql
+    assert httpx.get(server.url + "/ready").status_code == 200
+    setting = {"sql": "SELECT current_setting('memory_limit') AS m"}
+    assert httpx.post(server.url + "/query", json=setting).json()["rows"] == [["1.7 GiB"]]  # 60% of 3
 
 
 def test_kafka_unreachable_is_503_with_retry_after(tmp_path: Path) -> None:
