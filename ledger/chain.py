@@ -7,21 +7,40 @@ redaction of one field can keep its field hash and leave the chain verifiable.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+import importlib
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 GENESIS = "0" * 64
+
+
+class _Sha256(Protocol):
+    def digest(self) -> bytes: ...
+    def hexdigest(self) -> str: ...
 
 
 # Canonical bytes for hashing: compact JSON, object keys sorted, UTF-8, integers of any size.
 _canonical = msgspec.json.Encoder(order="sorted").encode
 
 
-_sha256 = hashlib.sha256
+def _builtin_sha256() -> Callable[[bytes], _Sha256]:
+    """CPython's own SHA-256 (same digests as OpenSSL's): for the few bytes of a field it takes
+    1.0 us a call against OpenSSL's 1.8 (measured: a 10k-record append hashes some 80k fields).
+    OpenSSL's stays for large inputs, where it is faster and releases the GIL."""
+    for name in ("_sha2", "_sha256"):  # 3.12+, 3.11
+        try:
+            sha256: Callable[[bytes], _Sha256] = importlib.import_module(name).sha256
+        except (ImportError, AttributeError):
+            continue
+        return sha256
+    return hashlib.sha256
+
+
+_sha256 = _builtin_sha256()
 
 
 def _h(value: Any) -> str:
@@ -63,4 +82,6 @@ def tx_hash(
     *, tx: int, tx_us: int, prev_hash: str, meta: dict[str, Any],
     record_hashes: Iterable[str], quarantine_hashes: Iterable[str] = (),
 ) -> str:
-    return _h([tx, tx_us, prev_hash, meta, list(record_hashes), list(quarantine_hashes)])
+    # OpenSSL's SHA-256 for a tx's large input (66 bytes a record), which it hashes faster.
+    value = [tx, tx_us, prev_hash, meta, list(record_hashes), list(quarantine_hashes)]
+    return hashlib.sha256(_canonical(value)).hexdigest()

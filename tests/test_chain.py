@@ -4,6 +4,7 @@ values were computed by the code that wrote the first ledgers.)"""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,8 @@ from ledger import Ledger, chain
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    import pytest
 
 META = {"source": "golden"}
 RECORDS: list[dict[str, Any]] = [
@@ -50,3 +53,14 @@ def test_append_hashes_records_as_pinned_and_reads_recompute_the_same(tmp_path: 
             tx=1, tx_us=tx_us, prev_hash=chain.GENESIS, meta=META, record_hashes=RECORD_HASHES)
         assert [r.hash for r in lg.tx_range()[0].records] == RECORD_HASHES
         assert lg.verify().ok
+
+
+def test_builtin_sha256_digests_match_openssl(monkeypatch: pytest.MonkeyPatch) -> None:
+    for data in (b"", b"x" * 55, b"x" * 64, 'Zoë 北京 🦆 "q"'.encode() * 40):
+        assert chain._sha256(data).hexdigest() == hashlib.sha256(data).hexdigest()
+
+    def missing(name: str) -> None:
+        raise ImportError(name)
+
+    monkeypatch.setattr(chain.importlib, "import_module", missing)
+    assert chain._builtin_sha256() is hashlib.sha256  # the fallback where there is none
