@@ -602,9 +602,12 @@ _RUNS_SQL = frozenset({"query", "query_table", "json_execute_serialized_sql", "c
 
 
 def _reaches_catalog(function: str) -> bool:
-    """Functions that read tables by name (query_table('tail_records')) or describe the catalog
-    (duckdb_tables(), pragma_table_info(...)): around the relations, so refused."""
-    return function in _RUNS_SQL or function.startswith(("duckdb_", "pragma_"))
+    """Functions that read tables by name (query_table('tail_records')), describe the catalog
+    (duckdb_tables(), pragma_table_info(...)) or read files (read_blob, glob: the data directory
+    holds the catalog's own files, which allowed_directories cannot exclude): around the
+    relations, so refused."""
+    return function in _RUNS_SQL or function == "glob" or function.startswith(
+        ("duckdb_", "pragma_", "read_", "parquet_", "sniff_"))
 
 
 def check_relations(parsed: Parsed, query: str, allowed: set[str]) -> None:

@@ -260,7 +260,7 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
                 "PRAGMA database_list", "SELECT * FROM tail_records", "SELECT 1; SELECT 2"):
         assert_problem(httpx.post(server.url + "/query", json={"sql": sql}), 400)
     q = httpx.post(server.url + "/query", json={"sql": "SELECT * FROM read_text('/etc/hostname')"})
-    assert "disabled" in assert_problem(q, 400)["detail"]
+    assert "read_text() is not available" in assert_problem(q, 400)["detail"]
     assert_problem(httpx.post(server.url + "/query", json={"sql": "SELECT nonsense("}), 400)
     # A bad time names its parameter (and full-width digits are not a tx number).
     for path, params in [("/entities/x", {"as_of": "yesterday"}), ("/entities/x", {"as_of": "\uff13"}),

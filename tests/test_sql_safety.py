@@ -51,6 +51,19 @@ def test_no_file_access_beyond_the_ledger(lg: Ledger, query: str) -> None:
         lg.sql(query)
 
 
+@pytest.mark.parametrize("reader", ["read_blob", "read_text", "read_csv", "read_json_objects", "glob",
+                                    "read_parquet", "parquet_metadata"])
+@pytest.mark.parametrize("file", ["ledger.duckdb", "ledger.duckdb.wal", "*"])
+def test_no_file_of_the_ledger_is_read_by_name(lg: Ledger, reader: str, file: str) -> None:
+    """Found by audit: read_blob('<data>/ledger.duckdb.wal') returned the catalog's WAL (the
+    database's own files pass allowed_directories); nor may a view read them."""
+    query = f"SELECT * FROM {reader}('{lg.root / file}')"
+    with pytest.raises(InvalidQuery, match=rf"function {reader}\(\) is not available"):
+        lg.sql(query)
+    with pytest.raises(InvalidQuery, match="is not available"):
+        views.define_view(lg, "reader", query)
+
+
 @pytest.mark.parametrize("query", [
     "SELECT count(*) FROM tail_records", "SELECT * FROM main.offsets", "SELECT * FROM ledger_meta",
     "SELECT l.tx FROM log l JOIN record_ids r ON l.id = r.id", "SELECT * FROM segments",

@@ -142,7 +142,7 @@ def test_time_travel_on_a_view_uses_its_definition_then(lg: Ledger) -> None:
         ("ok", "SELECT * FROM no_such_view", InvalidQuery, "no_such_view"),
         ("ok", "DELETE FROM tail_records", InvalidQuery, "only SELECT"),
         ("ok", "SELECT 1; SELECT 2", InvalidQuery, "one SQL statement"),
-        ("ok", "SELECT * FROM read_csv('/etc/passwd')", InvalidQuery, "(?i)access|permission|disabled"),
+        ("ok", "SELECT * FROM read_csv('/etc/passwd')", InvalidQuery, "not available"),
         ("ok", "  ", InvalidQuery, "non-empty"),
     ],
 )
@@ -324,7 +324,7 @@ def test_a_rebuild_cut_short_by_a_crash_is_failed_not_building(lg: Ledger) -> No
     v.define_view(lg, "b", BALANCES)
     assert v.start_rebuild(lg, "b") and v.status(lg, "b")["state"] == "building"
     with v._building_lock:
-        v._building.discard((str(lg.root), "b"))  # as after a kill -9 and a restart
+        v._building.pop((str(lg.root), "b"))  # as after a kill -9 and a restart
     st = v.status(lg, "b")
     assert st["state"] == "failed" and "interrupted" in st["error"]
     assert v.rebuild(lg, "b")["state"] == "ready" and v.status(lg, "b")["error"] is None
