@@ -24,6 +24,8 @@ from ledger.errors import InvalidQuery, InvalidTime
 from ledger.storage.parquet_types import infinite_column
 
 MAX_ROWS = 100_000
+MAX_RESULT_BYTES = 256 << 20  # a result's size in Arrow, about its size in any format
+TRUNCATED = "Ledger-Result-Truncated"  # header: "true" when the row limit cut the result
 MAX_TX = 2**63 - 1
 
 
@@ -90,14 +92,21 @@ def negotiate(header: str, offered: tuple[str, ...]) -> str | None:
 
 def table_response(table: pa.Table, accept: str) -> Response[Any]:
     """A result in one of FORMATS (see result_format); 400 naming the format when a column's type
-    has no form in it (a list in CSV, an INTERVAL in Parquet, an infinite timestamp in JSON)."""
+    has no form in it (a list in CSV, an INTERVAL in Parquet, an infinite timestamp in JSON), and
+    when it is larger than MAX_RESULT_BYTES. A result cut at its row limit says so in a header."""
+    if table.nbytes > MAX_RESULT_BYTES:
+        raise bad_request(f"the result is {table.nbytes:,} bytes, over the {MAX_RESULT_BYTES:,}-byte "
+                          "limit: select fewer rows (limit) or smaller columns")
     try:
-        return _encoded(table, accept)
+        response = _encoded(table, accept)
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, OverflowError, ValueError) as e:
         raise bad_request(
             f"the result cannot be written as {accept}: {str(e).strip().splitlines()[0]}; cast the "
             "column (to VARCHAR, for one) or ask for another format", field="accept",
         ) from e
+    if (table.schema.metadata or {}).get(b"truncated") == b"true":
+        response.headers[TRUNCATED] = "true"  # (CSV has no other place to say so)
+    return response
 
 
 def _encoded(table: pa.Table, accept: str) -> Response[Any]:
@@ -149,7 +158,8 @@ class QueryController(Controller):
         is sent percent-encoded (`%2F`)."""
         entity_id = decode_entity_id(entity_id)
         lg = services.ledger
-        db = lg.db() if as_of is None else lg.as_of(time_param(as_of, "as_of") or 0)
+        at = time_param(as_of, "as_of")  # (empty: the latest, as everywhere; was tx 0)
+        db = lg.db() if at is None else lg.as_of(at)
         valid = instant_param(valid_at, "valid_at")
         found = await asyncio.to_thread(db.entity_with_tx, entity_id, valid_at=valid)
         if found is None:

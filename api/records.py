@@ -78,6 +78,8 @@ def time_param(text: str | None, what: str) -> int | datetime | None:
         if len(text) > 18:
             raise bad_request(f"{what}: tx {text[:24]}... is out of range", field=what, kind="invalid-time")
         return int(text)
+    if text.startswith("-") and text[1:].isascii() and text[1:].isdigit():
+        raise bad_request(f"{what}: a tx number is at least 0, got {text}", field=what, kind="invalid-time")
     return instant_param(text, what)
 
 
@@ -107,13 +109,13 @@ def list_records(
     if actions:
         where.append("action IN (SELECT unnest($actions::VARCHAR[]))")
         params["actions"] = actions
-    since_tx = None if since is None else ledger.resolve(time_param(since, "since") or 0)
-    if since_tx is not None:
+    low, high = time_param(since, "since"), time_param(until, "until")  # (empty: unset)
+    if low is not None:
         where.append("tx > $since")
-        params["since"] = since_tx
-    if until is not None:
+        params["since"] = ledger.resolve(low)
+    if high is not None:
         where.append("tx <= $until")
-        params["until"] = ledger.resolve(time_param(until, "until") or 0)
+        params["until"] = ledger.resolve(high)
     pinned = time_param(as_of, "as_of")
     if pinned is None:
         pinned = upto

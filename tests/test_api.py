@@ -398,6 +398,16 @@ def test_temporal_reads_over_http(server: Server) -> None:
                           headers={"accept": "application/vnd.apache.parquet;q=0.5, text/csv"})
     assert weighted.headers["content-type"].startswith("text/csv")
     assert_problem(httpx.post(server.url + "/query", json=body, headers={"accept": "image/png"}), 406)
+    # A result cut at its row limit says so in every format (CSV had no sign of it; found by audit),
+    # and one over the byte limit is refused, not sent (a 2 GB body was).
+    for accept in ("text/csv", "application/json", "application/vnd.apache.parquet"):
+        cut = httpx.post(server.url + "/query", json={"sql": "SELECT * FROM range(5)", "limit": 2},
+                         headers={"accept": accept})
+        assert cut.headers["ledger-result-truncated"] == "true", accept
+    assert "ledger-result-truncated" not in weighted.headers
+    huge = httpx.post(server.url + "/query", timeout=60,
+                      json={"sql": "SELECT repeat('x', 1000000) AS s FROM range(300)"})
+    assert "byte limit" in assert_problem(huge, 400)["detail"]
     # A type a format cannot hold: 400 naming the format, not 500 (found by audit).
     for sql, accept in [("SELECT [1, 2] AS l", "text/csv"), ("SELECT {'a': 1} AS s", "text/csv"),
                         ("SELECT INTERVAL 1 DAY AS d", "application/vnd.apache.parquet"),

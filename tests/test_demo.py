@@ -126,6 +126,10 @@ def test_temporal_reads_over_http_on_the_bank_ledger(bank: Server) -> None:
         assert balance(as_of=first["tx_time"]) == 100  # an instant resolves to the tx at or before it
         assert balance(valid_at=opened["timestamp"]) == 0
         assert client.get(f"/entities/{acct}", params={"as_of": opened["tx"] - 1}).status_code == 404
+        assert balance(as_of="") == 150  # empty is unset, as everywhere (it was tx 0: 404)
+        assert len(client.get("/events", params={"until": "", "limit": 1000}).json()["items"]) >= 3
+        negative = client.get(f"/entities/{acct}", params={"as_of": "-1"}).json()
+        assert negative["status"] == 400 and "at least 0" in negative["detail"]
         history = client.get(f"/entities/{acct}/history").json()["datoms"]
         assert [d["v"] for d in history if d["a"] == "balance"] == [0, 100, 150]
         assert {d["record_id"] for d in history} == {e["id"] for e in events}
