@@ -50,12 +50,23 @@ def _text(data: dict[str, Any], name: str) -> str:
     return value
 
 
+# Balances stay within a signed 64-bit integer, so SQL over them (::BIGINT) never overflows.
+MAX_BALANCE = 2**63 - 1
+
+
 def _amount(data: dict[str, Any]) -> int:
     value = data.get("amount")
     # bool is an int in Python and 1.0 is not an amount in minor units.
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise Rejected(f"amount must be a positive integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_BALANCE:
+        raise Rejected(f"amount must be a positive integer up to {MAX_BALANCE}, got {value!r}")
     return value
+
+
+def _credited(bank: Bank, account: str, amount: int) -> int:
+    balance = bank.balances[account] + amount
+    if balance > MAX_BALANCE:
+        raise Rejected(f"balance of {account!r} would exceed {MAX_BALANCE}")
+    return balance
 
 
 def _account(bank: Bank, data: dict[str, Any], name: str) -> str:
@@ -75,7 +86,7 @@ def open_account(command: Command, bank: Bank) -> list[Event]:
 def deposit(command: Command, bank: Bank) -> list[Event]:
     amount = _amount(command.data)
     account = _account(bank, command.data, "account")
-    balance = bank.balances[account] + amount
+    balance = _credited(bank, account, amount)
     return [Event("money-deposited", {"id": account, "amount": amount, "balance": balance})]
 
 
@@ -97,12 +108,13 @@ def transfer_money(command: Command, bank: Bank) -> list[Event]:
     balance = bank.balances[source]
     if amount > balance:
         raise Rejected(f"insufficient funds in {source!r}: balance {balance}, amount {amount}")
+    credited = _credited(bank, target, amount)
     return [
         Event("money-transferred",
               {"id": command.id, "from_account": source, "to_account": target, "amount": amount}),
         Event("account-debited", {"id": source, "amount": amount, "balance": balance - amount}),
         Event("account-credited",
-              {"id": target, "amount": amount, "balance": bank.balances[target] + amount}),
+              {"id": target, "amount": amount, "balance": credited}),
     ]
 
 

@@ -42,6 +42,9 @@ def kafka() -> Iterator[Broker]:
 
 
 # ----------------------------------------------------------------------- the independent model
+MAX_BALANCE = 2**63 - 1  # balances stay BIGINT
+
+
 class Model:
     """The bank as a plain dict: what each command should emit, computed without the processor.
 
@@ -53,7 +56,7 @@ class Model:
 
     def apply(self, cid: str, action: str, d: dict[str, Any]) -> list[tuple[str, dict[str, Any]]] | str:
         amount = d.get("amount")
-        bad_amount = type(amount) is not int or amount < 1
+        bad_amount = type(amount) is not int or not 1 <= amount <= MAX_BALANCE
         if action == "open-account":
             if d["account"] in self.balances:
                 return "duplicate account"
@@ -70,6 +73,8 @@ class Model:
                     return "insufficient funds"
                 self.balances[acct] -= amount
                 return [("money-withdrawn", {"id": acct, "amount": amount, "balance": self.balances[acct]})]
+            if self.balances[acct] + amount > MAX_BALANCE:
+                return "would exceed"
             self.balances[acct] += amount
             return [("money-deposited", {"id": acct, "amount": amount, "balance": self.balances[acct]})]
         assert action == "transfer-money"
@@ -82,6 +87,8 @@ class Model:
             return "unknown account"
         if amount > self.balances[src]:
             return "insufficient funds"
+        if self.balances[dst] + amount > MAX_BALANCE:
+            return "would exceed"
         self.balances[src] -= amount
         self.balances[dst] += amount
         return [
@@ -103,6 +110,8 @@ def scripted() -> list[tuple[str, dict[str, Any]]]:
         ("deposit", {"account": "bob", "amount": 1.5}),  # not an integer
         ("deposit", {"account": "bob", "amount": True}),  # a bool is not an amount
         ("deposit", {"account": "bob", "amount": "100"}),  # a string is not an amount
+        ("deposit", {"account": "bob", "amount": MAX_BALANCE + 1}),  # beyond any balance
+        ("deposit", {"account": "alice", "amount": MAX_BALANCE}),  # the balance would pass int64
         ("withdraw", {"account": "alice", "amount": 2_500}),
         ("withdraw", {"account": "bob", "amount": 1}),  # insufficient funds
         ("transfer-money", {"from_account": "alice", "to_account": "bob", "amount": 3_000}),
@@ -246,7 +255,7 @@ async def test_scripted_run_matches_the_model_and_a_new_instance_carries_on(kafk
     assert bank.state.balances == model.balances == last_balances(events)
     assert bank.state.owners == {"alice": "Alice", "bob": "Bob", "carol": "Carol", "dave": "Dave"}
     reasons = {e["data"]["reason"].split(" ")[0] for _, e in events if e["action"] == "command-rejected"}
-    assert reasons == {"duplicate", "unknown", "amount", "insufficient", "same"}
+    assert reasons == {"duplicate", "unknown", "amount", "insufficient", "same", "balance"}
 
     # A new instance knows the balances only from the events, and continues correctly.
     second = random_commands(200, seed=2, accounts=accounts)
