@@ -401,7 +401,7 @@ class SchemaRegistry:
                           f"evaluated on this data ({_why(e)}); nothing was written: replace the schema "
                           f"with PUT /schemas/{action}", kind="schema-error") from e
         if errors:
-            violations = [{"pointer": _pointer(e.absolute_path), "message": e.message} for e in errors]
+            violations = [{"pointer": _pointer(e.absolute_path), "message": _json_message(e)} for e in errors]
             raise problem(422, "Schema violation", f"data does not match the schema of {action!r}: "
                           + "; ".join(f"{x['pointer']}: {x['message']}" for x in violations),
                           kind="schema-violation", errors=violations)
@@ -417,3 +417,12 @@ class SchemaRegistry:
             return None
         value = _follow(data, _tokens(pointer))
         return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
+def _json_message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's message with the value it opens with in JSON ("true is not of type
+    'integer'"), not in Python ("True ...": found by audit)."""
+    message, shown = str(error.message), repr(error.instance)
+    if not message.startswith(shown):
+        return message
+    return json.dumps(error.instance, ensure_ascii=False) + message[len(shown):]

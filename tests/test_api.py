@@ -192,6 +192,10 @@ def test_schema_violations_are_422_with_json_pointers(server: Server) -> None:
     body = assert_problem(post_command(server, {"action": "pay-in", "data": {"amount": 0, "x": 1}}), 422)
     pointers = sorted(e["pointer"] for e in body["errors"])
     assert pointers == ["/data", "/data", "/data/amount"], body
+    flags = {"action": "pay-in", "data": {"account": None, "amount": True}}
+    flag = assert_problem(post_command(server, flags), 422)
+    assert sorted(e["message"] for e in flag["errors"]) == [  # JSON's names, not Python's True, None
+        "null is not of type 'string'", "true is not of type 'integer'"]
     ok = post_command(server, {"action": "pay-in", "data": {"account": "acct-9", "amount": 3}})
     assert ok.status_code == 202
     cmd = wait_for(lambda: (r := httpx.get(server.url + ok.headers["location"])).status_code == 200 and r)
