@@ -10,6 +10,7 @@ import operator
 import os
 import re
 import resource
+import sqlite3
 import threading
 import time
 import weakref
@@ -204,7 +205,7 @@ class Ledger:
         self.damaged: str | None = None  # why the newest tx cannot be read (appends refused)
         self._head = self._read_head()
         # The entity index (ledger.storage.index) is the writer's; snapshots scan the datoms.
-        self._index = None if read_only else idx.EntityIndex(root / idx.FILE)
+        self._index = None if read_only else idx.open_index(root / idx.FILE)
         self.indexed = not read_only
         self._listeners: list[Listener] = []
         self._tail_records = self._tail_count()
@@ -234,6 +235,10 @@ class Ledger:
             raise LedgerError(f"seal_every must be at least 1, got {seal_every}")
         if root.exists() and not root.is_dir():
             raise LedgerError(f"{root} is a file, not a ledger's data directory")
+        if glob := set(_GLOB).intersection(str(root)):
+            # DuckDB reads file paths as patterns (a `d*` ledger read another ledger's files)
+            raise LedgerError(f"the data directory's path {str(root)!r} holds {sorted(glob)[0]!r}, which "
+                              "DuckDB would read as a file pattern; use a path without * ? [ ]")
         if read_only:
             return cls._open_snapshot(root, seal_every)
         root.mkdir(parents=True, exist_ok=True)
@@ -352,22 +357,34 @@ class Ledger:
     def _open_sealed_only(
         cls, root: Path, con: duckdb.DuckDBPyConnection, seal_every: int, pid: str
     ) -> Ledger:
-        manifest = seg.read_manifest(root)
+        try:
+            manifest = seg.read_manifest(root)
+        except CorruptLedger:
+            con.close()
+            raise
         if manifest is None:
             con.close()
             raise LedgerLocked(
                 f"ledger {root} is being written by process {pid} and has no manifest yet; "
                 "query it through that process's HTTP API"
             )
-        for key in ("format", "entity_path", "deletion"):
-            con.execute("INSERT INTO ledger_meta VALUES (?, ?)", [key, json.dumps(manifest[key])])
-        for s in manifest["segments"]:
-            con.execute(
-                "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?)",
-                [s["first_tx"], s["last_tx"], s["dir"], s["records"], json.dumps(s["files"]),
-                 s["sealed_at"]],
-            )
-        sealed = manifest["segments"][-1]["last_tx"] if manifest["segments"] else 0
+        try:
+            for key in ("format", "entity_path", "deletion"):
+                con.execute("INSERT INTO ledger_meta VALUES (?, ?)", [key, json.dumps(manifest[key])])
+            for s in manifest["segments"]:
+                con.execute(
+                    "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?)",
+                    [s["first_tx"], s["last_tx"], s["dir"], s["records"], json.dumps(s["files"]),
+                     s["sealed_at"]],
+                )
+            sealed = manifest["segments"][-1]["last_tx"] if manifest["segments"] else 0
+        except (KeyError, TypeError, IndexError, duckdb.Error) as e:
+            con.close()
+            raise CorruptLedger(
+                f"ledger {root} is being written by process {pid}, and its {seg.MANIFEST} is not a "
+                f"ledger manifest ({type(e).__name__}: {e}); query it through that process's HTTP "
+                "API (its next seal rewrites the manifest)"
+            ) from e
         note = (
             f"process {pid} is writing this ledger; this snapshot holds its sealed segments "
             f"(through tx {sealed}) but not newer transactions — query the service for those"
@@ -940,8 +957,14 @@ class Ledger:
         segment and then the tail, and name the first transaction that does not match. The derived
         data is checked against the records too: the datoms each event yields, and the entity index."""
         # The index is read before the snapshot: every tx it holds is then in the snapshot too
-        # (txs it does not hold yet, committed concurrently, are not compared).
-        index = self._index.all_rows() if self.indexed and self._index is not None else None
+        # (txs it does not hold yet, committed concurrently, are not compared). A snapshot reads
+        # the file the writer keeps, and the checkpoints on disk: what the writer serves.
+        try:
+            index = (self._index.all_rows() if self.indexed and self._index is not None
+                     else idx.read_all_rows(self.root / idx.FILE) if self.read_only else None)
+        except sqlite3.Error as e:
+            return VerifyReport(ok=False, checked=0, first_bad_tx=1, reason=(
+                f"{idx.FILE} cannot be read: {e} (derived data: delete it and reopen to rebuild it)"))
         check = _ChainCheck(self.rules, index)
         with self.snapshot() as (cur, files):
             segs = cur.execute(
@@ -964,8 +987,18 @@ class Ledger:
             if check.source(cur, {r: f"tail_{r}" for r in RELATIONS}):
                 check.index_leftovers()
             if check.bad is None:
-                _check_states(cur, files, check)
+                _check_states(cur, files, self._states_on_disk(files) if self.read_only else files.states,
+                              check)
         return check.report()
+
+    def _states_on_disk(self, files: Files) -> tuple[tuple[int, str], ...]:
+        """The entity state checkpoints in the data directory, through the snapshot's sealed tx
+        (a snapshot's reads do not use them: the writer may retire one while it reads)."""
+        found = []
+        for path in (self.root / seg.STATE_DIR).glob("[0-9]*.parquet"):
+            if path.stem.isdigit() and int(path.stem) <= files.sealed_through:
+                found.append((int(path.stem), str(path)))
+        return tuple(sorted(found))
 
     # ------------------------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
@@ -985,12 +1018,14 @@ class Ledger:
         }
 
 
-def _check_states(cur: duckdb.DuckDBPyConnection, files: Files, check: _ChainCheck) -> None:
+def _check_states(
+    cur: duckdb.DuckDBPyConnection, files: Files, states: tuple[tuple[int, str], ...], check: _ChainCheck,
+) -> None:
     """Each entity state checkpoint against the (already verified) datoms it summarises: the
     first against a fold of every datom through its tx, each next one against the one before it
     (checked) folded with the datoms in between; and its entities file against the checkpoint."""
     base, lo = "", 0
-    for at, path in files.states:
+    for at, path in states:
         stored = f"SELECT {STATE_COLUMNS} FROM read_parquet({quote(path)})"
         newer = union_sql("datoms", files["datoms"], where=f"tx > {lo} AND tx <= {at}")
         expected = latest_datoms_sql(f"{base}SELECT {STATE_COLUMNS} FROM ({newer})")
@@ -1003,6 +1038,8 @@ def _check_states(cur: duckdb.DuckDBPyConnection, files: Files, check: _ChainChe
                     f"UNION ALL ({derived} EXCEPT ALL {found}))"
                 ).fetchone()
             except duckdb.Error as e:
+                if not Path(path).exists():
+                    return  # retired meanwhile by the writer (another process)
                 check.fail(at, f"the entity state checkpoint at tx {at}{what} cannot be read: {e}")
                 return
             if row is not None and row[0]:
@@ -1023,6 +1060,8 @@ def _bytes_under(root: Path) -> int:
                 total += os.stat(os.path.join(folder, name)).st_size
     return total
 
+
+_GLOB = "*?[]"  # pattern characters in a DuckDB file path
 
 # Of a process's memory limit, what DuckDB may use: the rest is for Python, Arrow results and
 # the allocations DuckDB does not count (a list built by range() in one call, ...).

@@ -62,8 +62,8 @@ def copy(pristine: Path, tmp_path: Path) -> Path:
     return target
 
 
-def verify(root: Path) -> tuple[bool, int, int | None, str | None]:
-    with Ledger.open(root) as lg:
+def verify(root: Path, *, read_only: bool = False) -> tuple[bool, int, int | None, str | None]:
+    with Ledger.open(root, read_only=read_only) as lg:
         r = lg.verify()
     return r.ok, r.checked, r.first_bad_tx, r.reason
 
@@ -71,6 +71,7 @@ def verify(root: Path) -> tuple[bool, int, int | None, str | None]:
 def test_untampered_ledger_and_its_copy_verify(pristine: Path, copy: Path) -> None:
     assert verify(pristine) == (True, HEAD, None, None)
     assert verify(copy) == (True, HEAD, None, None)
+    assert verify(copy, read_only=True) == (True, HEAD, None, None)  # (what `ledger verify` runs)
 
 
 @pytest.mark.parametrize("where", [0.25, 0.5, 0.75])
@@ -173,6 +174,10 @@ def test_entity_state_checkpoint_changed_names_that_tx(copy: Path, file: str) ->
         assert row["tx"] == SEALS[-1] and json.loads(row["v"]) == SEALS[-1]
         row["v"] = "-1"
     pq.write_table(type(table).from_pylist(rows, schema=table.schema), path, compression="zstd")
+    # A read-only snapshot (`ledger verify`) checks the files the writer reads, too (found by audit:
+    # it said ok, its own reads not using them).
+    ok, _checked, bad, reason = verify(copy, read_only=True)
+    assert (ok, bad) == (False, SEALS[-1]) and reason is not None and "entity state checkpoint" in reason
     with Ledger.open(copy) as lg:
         if file == "entities":
             query = "select state->>'balance' as b from entities where e like 'acct-1'"  # not from the index
@@ -191,11 +196,23 @@ def test_entity_index_changed_names_that_tx(copy: Path, tx: int) -> None:
         changed = con.execute("UPDATE entity_index SET attrs = ? WHERE tx = ? AND e = 'acct-1'",
                               ('{"id":"acct-1","balance":-1}', tx)).rowcount
     assert changed == 1
+    ok, _checked, bad, reason = verify(copy, read_only=True)  # as `ledger verify` (found by audit)
+    assert (ok, bad) == (False, tx) and reason is not None and "entity index" in reason
     with Ledger.open(copy) as lg:
         assert lg.entity("acct-1", as_of=tx) == {"balance": -1}  # what a reader would be told
         r = lg.verify()
     assert (r.ok, r.first_bad_tx) == (False, tx), r.reason
     assert r.reason is not None and "entity index" in r.reason
+
+
+def test_an_unreadable_entity_index_is_named_then_rebuilt_by_the_writer(pristine: Path, copy: Path) -> None:
+    """Derived data: the writer rebuilds it (it raised sqlite3.DatabaseError at open; found by audit)."""
+    (copy / "entity_index.sqlite").write_bytes(b"garbage")
+    ok, _checked, _bad, reason = verify(copy, read_only=True)
+    assert not ok and reason is not None and "entity_index.sqlite cannot be read" in reason
+    with Ledger.open(copy) as lg, Ledger.open(pristine, read_only=True) as good:
+        assert lg.entity("acct-1") == good.entity("acct-1") is not None
+        assert lg.verify().ok
 
 
 def test_deleted_last_segment_with_an_empty_tail_still_opens_and_verify_names_it(

@@ -10,6 +10,7 @@ crash between the two commits, or a deleted index file, costs a rebuild and noth
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 FILE = "entity_index.sqlite"
+log = logging.getLogger("ledger.index")
 
 # (e, tx, seq, valid_us, tx_us, record_id, attrs): attrs is the JSON object of the event's
 # attributes (see ledger.datoms); times are epoch microseconds.
@@ -139,22 +141,7 @@ class EntityIndex:
     def all_rows(self) -> tuple[int, Iterator[tuple[Any, ...]]]:
         """(through, rows): one consistent read of the index, the last tx it holds completely and
         its rows up to that tx as (tx, e, seq, valid_us, tx_us, record_id, attrs), in (tx, seq) order."""
-        con = self._connect()
-        con.execute("BEGIN")  # both reads in one snapshot (WAL)
-        row = con.execute("SELECT value FROM index_meta WHERE key = 'through_tx'").fetchone()
-        through = int(row[0]) if row else 0
-
-        def rows() -> Iterator[tuple[Any, ...]]:
-            try:
-                cursor = con.execute(
-                    "SELECT tx, e, seq, valid_us, tx_us, record_id, attrs FROM entity_index "
-                    "WHERE tx <= ? ORDER BY tx, seq", (through,))
-                while batch := cursor.fetchmany(10_000):
-                    yield from batch
-            finally:
-                con.close()
-
-        return through, rows()
+        return _all_rows(self._connect())
 
     def close(self) -> None:
         self.abort()
@@ -164,3 +151,45 @@ class EntityIndex:
             for con in self._readers:
                 con.close()
             self._readers.clear()
+
+
+def open_index(path: Path) -> EntityIndex:
+    """The writer's index at `path`. A file there that is no readable index is derived data gone
+    bad: it is removed, and the ledger's open rebuilds the index from the records."""
+    try:
+        return EntityIndex(path)
+    except sqlite3.DatabaseError as e:
+        log.warning("%s cannot be read (%s): rebuilding it", path, e)
+        for name in (path.name, path.name + "-wal", path.name + "-shm"):
+            (path.parent / name).unlink(missing_ok=True)
+        return EntityIndex(path)
+
+
+def read_all_rows(path: Path) -> tuple[int, Iterator[tuple[Any, ...]]] | None:
+    """EntityIndex.all_rows of the index file at `path`, opened read-only (a writer in another
+    process may hold it); None if there is none. sqlite3.Error if it cannot be read."""
+    if not path.exists():
+        return None
+    return _all_rows(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None))
+
+
+def _all_rows(con: sqlite3.Connection) -> tuple[int, Iterator[tuple[Any, ...]]]:
+    try:
+        con.execute("BEGIN")  # both reads in one snapshot (WAL)
+        row = con.execute("SELECT value FROM index_meta WHERE key = 'through_tx'").fetchone()
+    except BaseException:
+        con.close()
+        raise
+    through = int(row[0]) if row else 0
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        try:
+            cursor = con.execute(
+                "SELECT tx, e, seq, valid_us, tx_us, record_id, attrs FROM entity_index "
+                "WHERE tx <= ? ORDER BY tx, seq", (through,))
+            while batch := cursor.fetchmany(10_000):
+                yield from batch
+        finally:
+            con.close()
+
+    return through, rows()
