@@ -85,9 +85,8 @@ def existing_ledger(args: argparse.Namespace) -> Path:
     create one (a mistyped --data-dir is an error, not a new empty ledger)."""
     root = data_dir(args)
     if not root.is_dir():
-        raise LedgerError(
-            f"no ledger at {root}: the directory does not exist (set --data-dir or LEDGER_DATA_DIR)"
-        )
+        what = "is a file, not a directory" if root.exists() else "the directory does not exist"
+        raise LedgerError(f"no ledger at {root}: {what} (set --data-dir or LEDGER_DATA_DIR)")
     if not (root / DB_FILE).is_file():
         raise LedgerError(f"no ledger at {root.resolve()} (missing {DB_FILE})")
     return root
@@ -186,9 +185,22 @@ def add_sql(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
 
 
+def outside_ledger(out: str, root: Path) -> Path:
+    """--out as a path, refused if empty or inside the data directory (found by audit: an export
+    there overwrote segments, a result the catalog)."""
+    if not out.strip():
+        raise UsageError("--out is empty")
+    path, data = Path(out).resolve(), root.resolve()
+    if path == data or data in path.parents:
+        raise UsageError(f"--out {out} is inside the data directory {root}: write somewhere else")
+    return Path(out)
+
+
 def run_sql(args: argparse.Namespace) -> int:
     query = stdin_query() if args.query == "-" else args.query
     with open_snapshot(args) as lg:
+        if args.out is not None:
+            outside_ledger(args.out, lg.root)
         table = lg.sql(query, as_of=args.as_of, valid_at=args.valid_at, params=args.params)
     if args.format in ("parquet", "arrow"):
         write_binary(table, args.format, args.out)
@@ -248,9 +260,20 @@ def write_binary(table: pa.Table, fmt: str, out: str | None) -> None:
     sys.stdout.buffer.flush()
 
 
+def _values(table: pa.Table, name: str) -> list[Any]:
+    """A column's values as Python objects; InvalidQuery naming the column if Python has none for
+    one (an infinite timestamp, a date past the year 9999)."""
+    try:
+        values: list[Any] = table.column(name).to_pylist()
+    except (OverflowError, ValueError) as e:
+        raise InvalidQuery(f"column {name!r} holds a value out of Python's range ({e}): cast it to VARCHAR, "
+                           "or use --format csv") from None
+    return values
+
+
 def write_table(table: pa.Table) -> None:
     names = table.column_names
-    columns = [[cell(v) for v in col.to_pylist()] for col in table.columns]
+    columns = [[cell(v) for v in _values(table, name)] for name in names]
     widths = [max([len(n), *map(len, col)]) for n, col in zip(names, columns, strict=True)]
     numeric = [_is_numeric(t) for t in table.schema.types]
 
@@ -289,19 +312,30 @@ def write_json(table: pa.Table) -> None:
     """JSON Lines: one object per row, so output streams and pipes into jq row by row. JSON columns
     (data, state, ...) are JSON values in it, not text holding JSON (as in POST /query's JSON)."""
     json_columns = {f.name for f in table.schema if f.metadata == JSON_TYPE}
-    for row in table.to_pylist():
-        for name in json_columns:
-            if row[name] is not None:
-                row[name] = json.loads(row[name])
-        sys.stdout.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+    names = table.column_names
+    for values in zip(*(_values(table, name) for name in names), strict=True):
+        row = dict(zip(names, values, strict=True))
+        try:
+            for name in json_columns:
+                if row[name] is not None:
+                    row[name] = json.loads(row[name])
+            line = json.dumps(row, ensure_ascii=False, default=_json_default, allow_nan=False)
+        except ValueError:  # NaN or an infinity (RFC 8259 has none), as a double or in JSON text
+            raise InvalidQuery("a value is NaN or infinite, which JSON cannot hold: cast the column to "
+                               "VARCHAR, or use --format csv") from None
+        sys.stdout.write(line + "\n")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def cell(value: Any) -> str:
     """A value as one line of text: NULL for null, ISO-8601 for times, JSON for nested values."""
     if value is None:
         return "NULL"
-    if isinstance(value, str):
-        return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    if isinstance(value, str):  # control characters escaped: data must not drive the terminal
+        text = value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+        return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02X}", text)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (datetime, date, time)):
@@ -387,6 +421,8 @@ def run_info(args: argparse.Namespace) -> int:
                 info["lag"] = asyncio.run(partition_lag(lg, bootstrap=bootstrap, group=group, topics=topics))
             except KafkaError as e:
                 raise LedgerError(f"Kafka at {bootstrap} is not reachable for the lag ({e})") from e
+            except ValueError as e:  # aiokafka parsing the address
+                raise UsageError(f"bootstrap {bootstrap!r} is not HOST:PORT[,HOST:PORT...] ({e})") from e
     if args.json:
         print(json.dumps(info, default=_json_default))
         return OK
@@ -673,7 +709,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
     with open_snapshot(args) as lg:
-        manifest = export_dir(lg, Path(args.out), as_of=args.as_of, tables=tables)
+        manifest = export_dir(lg, outside_ledger(args.out, lg.root), as_of=args.as_of, tables=tables)
     for name, entry in manifest["tables"].items():
         print(f"{name}\t{entry['rows']} rows\t{entry['file']}")
     d = manifest["digest"]
@@ -743,6 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return FAILED
+    except OSError as e:  # a file it cannot write or read: "out.csv: Is a directory"
+        return _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), FAILED)
     except Exception as e:
         if os.environ.get("LEDGER_DEBUG"):
             raise

@@ -214,3 +214,31 @@ def test_csv_of_an_infinite_time_is_one_line_naming_the_column(
         assert "column 'd' holds infinity" in _error(capsys)
     assert main(["sql", "SELECT DATE '2020-01-01' AS d", "--format", "csv", "--data-dir", str(data_dir)]) == 0
     assert capsys.readouterr().out.splitlines() == ['"d"', "2020-01-01"]
+
+
+def test_table_and_json_output_hold_only_what_they_can(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by audit: table and json raised OverflowError for times beyond Python's range, json
+    printed NaN (not JSON), and the table passed ESC and BEL to the terminal."""
+    d = ["--data-dir", str(data_dir)]
+    for sql in ("SELECT 'infinity'::TIMESTAMP AS t", "SELECT DATE '10000-01-01' AS t"):
+        for fmt in ("table", "json"):
+            assert main(["sql", sql, "--format", fmt, *d]) == 1
+            assert "column 't' holds a value out of Python's range" in _error(capsys)
+    for sql in ("SELECT 'nan'::DOUBLE AS x", "SELECT '-inf'::DOUBLE AS x", "SELECT 'nan'::JSON AS x"):
+        assert main(["sql", sql, "--format", "json", *d]) == 1
+        assert "NaN or infinite" in _error(capsys)
+    assert main(["sql", "SELECT chr(27) || '[31mred' || chr(7) || chr(127) AS y", *d]) == 0
+    out = capsys.readouterr().out
+    assert "\\x1B[31mred\\x07\\x7F" in out and not any(c in out for c in "\x1b\x07\x7f")
+
+
+def test_cli_names_a_file_given_as_data_dir_and_a_bad_bootstrap(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    assert main(["info", "--data-dir", str(tmp_path / "afile")]) == 1
+    assert "is a file, not a directory" in _error(capsys)  # it said the directory does not exist
+    assert main(["info", "--bootstrap", ":::", "--data-dir", str(data_dir)]) == 2
+    assert "is not HOST:PORT" in _error(capsys)  # it was "ValueError: invalid literal for int()"

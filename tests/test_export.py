@@ -64,6 +64,28 @@ def test_cli_export_is_readable_by_plain_duckdb(data: Path, tmp_path: Path) -> N
     assert sorted(p.name for p in out2.iterdir()) == ["log.parquet", "manifest.json", "notes.txt"]
 
 
+def test_cli_output_inside_the_data_directory_is_refused(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by audit: an export into a segment's directory overwrote its files, `sql --out` onto
+    the catalog replaced it, and --out "" wrote into the working directory."""
+    segment = next((data / "segments").glob("[0-9]*"))
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    for argv in (["export", "--out", str(segment)], ["export", "--out", str(data)], ["export", "--out", ""],
+                 ["sql", "SELECT 1 AS a", "--format", "csv", "--out", str(data / "ledger.duckdb")],
+                 ["sql", "SELECT 1 AS a", "--format", "parquet", "--out", str(data / "x.parquet")]):
+        assert main([*argv, "--data-dir", str(data)]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("inside the data directory" in err or "empty" in err), err
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+    with Ledger.open(data, read_only=True) as lg:
+        assert lg.verify().ok
+    (tmp_path / "afile").write_text("x")
+    assert main(["export", "--out", str(tmp_path / "afile" / "sub"), "--data-dir", str(data)]) == 1
+    err = capsys.readouterr().err  # one line naming the path, no Python exception name
+    assert "Not a directory" in err and "Error" not in err, err
+
+
 def test_cli_sql_binary_formats_and_views(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

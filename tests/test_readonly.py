@@ -189,6 +189,21 @@ def test_a_second_writer_in_the_same_process_is_refused_and_touches_nothing(tmp_
         assert again.entity("a") == {"n": 9} and again.head.tx == 4
 
 
+@pytest.mark.parametrize("manifest", ['{"segm', "[]", '{"format": 1}', '{"format": 1, "entity_path": "id", '
+                                      '"deletion": "x", "segments": [{"first_tx": 1}]}'])
+def test_a_damaged_manifest_beside_a_writer_is_one_ledger_error(tmp_path: Path, manifest: str) -> None:
+    """Found by audit: KeyError, TypeError, JSONDecodeError from a read-only open."""
+    root = tmp_path / "data"
+    with Ledger.open(root) as lg:
+        lg.append([{"kind": "event", "action": "set", "data": {"id": "a", "n": 1}}])
+        lg.seal()
+        (root / "manifest.json").write_text(manifest)
+        with pytest.raises(LedgerError, match="manifest") as caught:
+            Ledger.open(root, read_only=True)
+        assert "\n" not in str(caught.value)
+        assert lg.entity("a") == {"n": 1}  # the writer goes on
+
+
 def test_without_a_writer_the_snapshot_is_complete_and_releases_the_lock(tmp_path: Path) -> None:
     root = tmp_path / "data"
     with writer(root, "exit") as w:

@@ -196,6 +196,10 @@ def test_a_query_and_its_params_must_have_their_types(lg: Ledger, tmp_path: Path
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(LedgerError, match="is a file"):
         Ledger.open(tmp_path / "a-file")
+    for odd in ("d*", "d?z", "d[1]"):  # DuckDB patterns: `d*` read another ledger's files (audit)
+        with pytest.raises(LedgerError, match="file pattern"):
+            Ledger.open(tmp_path / odd)
+        assert not (tmp_path / odd).exists()
 
 
 def test_a_remembered_parse_decides_nothing_on_its_own(lg: Ledger, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from ledger.errors import CorruptLedger
 from ledger.storage.catalog import (
     RELATIONS,
     SEAL_ORDER,
@@ -171,7 +172,11 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(root: Path) -> dict[str, Any] | None:
     try:
         with (root / MANIFEST).open(encoding="utf-8") as f:
-            data: dict[str, Any] = json.load(f)
-            return data
+            data = json.load(f)
     except FileNotFoundError:
         return None
+    except ValueError as e:  # not JSON, not UTF-8
+        raise CorruptLedger(f"{root / MANIFEST} cannot be read: {e}") from e
+    if not isinstance(data, dict):
+        raise CorruptLedger(f"{root / MANIFEST} is not a ledger manifest (a JSON {type(data).__name__})")
+    return data
