@@ -562,7 +562,9 @@ def _bodies(pins: Sequence[tuple[Pin, str]], files: Files, text: str) -> dict[st
     return bodies
 
 
-_EXPLAIN = re.compile(r"^\s*EXPLAIN(\s+ANALYZE)?\s+", re.IGNORECASE)
+# (after any comments: DuckDB keeps them in a statement's text)
+_EXPLAIN = re.compile(r"^(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*EXPLAIN(\s+ANALYZE)?\s+",
+                      re.IGNORECASE | re.DOTALL)
 # The catalog's own tables: rows newer than any as-of point, offsets, ... not the query's business.
 _INTERNAL = frozenset({
     "ledger_meta", "record_ids", "segments", "offsets", "entity_state", "tail_datoms", *TAIL_TABLES,

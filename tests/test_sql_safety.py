@@ -30,7 +30,8 @@ def lg(tmp_path: Path) -> Ledger:
     "EXPLAIN ANALYZE SET threads = 1", "EXPLAIN ANALYZE SET memory_limit = '40GB'",
     "explain  analyze\n RESET threads", "EXPLAIN ANALYZE CREATE TABLE zz AS SELECT 1",
     "EXPLAIN ANALYZE DROP TABLE IF EXISTS offsets", "EXPLAIN CREATE MACRO log() AS TABLE SELECT 1",
-    "EXPLAIN (FORMAT json) SELECT 1",
+    "EXPLAIN (FORMAT json) SELECT 1", "/* x */ EXPLAIN ANALYZE SET threads = 1",
+    "-- note\nEXPLAIN ANALYZE CREATE TABLE zz AS SELECT 1",
 ])
 def test_only_select_runs(lg: Ledger, statement: str) -> None:
     settings = "SELECT current_setting('threads') AS t, current_setting('memory_limit') AS m"
@@ -125,6 +126,12 @@ def test_a_view_recorded_under_a_keyword_name_breaks_nothing(lg: Ledger) -> None
 def test_a_cte_may_take_a_catalog_tables_name(lg: Ledger) -> None:
     rows = lg.sql("WITH offsets AS (SELECT count(*) AS n FROM log) SELECT n FROM offsets").to_pylist()
     assert rows == [{"n": 8}]
+
+
+def test_explain_explains_a_select_after_comments_too(lg: Ledger) -> None:
+    for query in ("EXPLAIN SELECT count(*) FROM log", "-- why so slow?\nEXPLAIN ANALYZE SELECT * FROM log",
+                  "/* plan */ explain select 1"):
+        assert lg.sql(query).num_rows >= 1, query
 
 
 @pytest.mark.parametrize("query", ["DESCRIBE log", "SUMMARIZE entities", "DESCRIBE SELECT tx FROM log"])
