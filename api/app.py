@@ -12,6 +12,7 @@ from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.params import QueryParameter
 from litestar.plugins.problem_details import (
     ProblemDetailsConfig,
     ProblemDetailsException,
@@ -77,6 +78,36 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
                    kind="internal").to_response(request)
 
 
+_NOT_QUERY = frozenset({"services", "request", "scope", "data", "socket"})  # injected, not sent
+_query_names: dict[int, tuple[frozenset[str], frozenset[str]]] = {}  # by id(route handler)
+
+
+async def _known_query(request: Request[Any, Any, Any]) -> None:
+    """Refuse a query parameter the endpoint does not take, and a single-valued one given twice:
+    both were ignored silently (/events?kind=command listed events; found by audit)."""
+    if not request.query_params or request.url.path.startswith("/schema"):
+        return
+    handler = request.route_handler
+    if (known := _query_names.get(id(handler))) is None:
+        taken: set[str] = set()
+        repeatable: set[str] = set()
+        for name, field in handler.parsed_fn_signature.parameters.items():
+            alias = field.kwarg_definition
+            key = getattr(alias, "query", None) or (alias.name if isinstance(alias, QueryParameter) else None)
+            taken.add(key or name)
+            if field.is_non_string_sequence:
+                repeatable.add(key or name)
+        known = _query_names[id(handler)] = frozenset(taken - _NOT_QUERY), frozenset(repeatable)
+    names, lists = known
+    for key in request.query_params:
+        if key not in names or key in request.path_params:
+            takes = sorted(names - set(request.path_params))
+            raise bad_request(f"unknown query parameter {key!r}; {request.url.path} takes "
+                              + (", ".join(takes) if takes else "none"), field=key)
+        if key not in lists and len(request.query_params.getall(key)) > 1:
+            raise bad_request(f"query parameter {key!r} is given more than once", field=key)
+
+
 class _App(Litestar):
     """Routes /entities/... on the path as the client sent it, still percent-encoded, so that an
     entity id holding `/` (sent as `%2F`) stays one path segment; the handlers decode it
@@ -108,6 +139,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             LedgerError: _ledger_error, HTTPException: _http_error, RecursionError: _too_deep,
             UnicodeDecodeError: _not_utf8, Exception: _unexpected,
         },
+        before_request=_known_query,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Commander Ledger", version="0.1.0", path="/schema",
                                      use_handler_docstrings=True),

@@ -283,6 +283,15 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
                          ({"as_of": "noon"}, "as_of")]:
         resp = httpx.post(server.url + "/query", json={"sql": "SELECT 1 AS x", **extra})
         assert_problem(resp, 400, field=field)
+    # A parameter the endpoint does not take, or a single one given twice, was ignored silently
+    # (/events?kind=command listed events; found by audit).
+    for path, params in [("/events", {"kind": "command"}), ("/entities/x/history", {"limit": "2"}),
+                         ("/events", [("limit", "2"), ("limit", "3")]),
+                         ("/commands", [("as_of", "1"), ("as_of", "2")]), ("/tx/1", {"verbose": "1"})]:
+        resp = httpx.get(server.url + path, params=params)
+        field = params[0][0] if isinstance(params, list) else next(iter(params))
+        assert field in assert_problem(resp, 400, field=field)["detail"], (path, params)
+    assert httpx.get(server.url + "/events", params=[("action", "a"), ("action", "b")]).status_code == 200
     # the service keeps serving after every one of those
     assert httpx.get(server.url + "/ready").status_code == 200
 
