@@ -199,17 +199,17 @@ def outside_ledger(out: str, root: Path) -> Path:
 def run_sql(args: argparse.Namespace) -> int:
     query = stdin_query() if args.query == "-" else args.query
     with open_snapshot(args) as lg:
-        if args.out is not None:
-            outside_ledger(args.out, lg.root)
+        out = None if args.out is None else outside_ledger(args.out, lg.root)
         table = lg.sql(query, as_of=args.as_of, valid_at=args.valid_at, params=args.params)
     if args.format in ("parquet", "arrow"):
-        write_binary(table, args.format, args.out)
+        write_binary(table, args.format, out)
         return OK
-    if args.out is not None:
-        with Path(args.out).open("w", encoding="utf-8") as f, _stdout_to(f):
-            {"table": write_table, "csv": write_csv, "json": write_json}[args.format](table)
+    write = {"table": write_table, "csv": write_csv, "json": write_json}[args.format]
+    if out is None:
+        write(table)
         return OK
-    {"table": write_table, "csv": write_csv, "json": write_json}[args.format](table)
+    with out.open("w", encoding="utf-8") as f, _stdout_to(f):
+        write(table)
     return OK
 
 
@@ -240,7 +240,7 @@ def _stdout_to(f: io.TextIOWrapper) -> Iterator[None]:
         sys.stdout = saved
 
 
-def write_binary(table: pa.Table, fmt: str, out: str | None) -> None:
+def write_binary(table: pa.Table, fmt: str, out: Path | None) -> None:
     """Parquet (zstd) or an Arrow IPC stream, to a file or to stdout (refused on a terminal)."""
     import pyarrow.parquet as pq
 
@@ -572,11 +572,12 @@ def limit_memory(text: str) -> int | None:
 
     if text.strip().lower() == "none":
         return None
-    m = _SIZE.fullmatch(text.strip())
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = (None if m is None else int(ram * float(m[1]) / 100) if m[2] == "%"
-             else int(float(m[1]) * _UNITS[m[2].lower()]))
-    if limit is None or not 256 << 20 <= limit <= ram:
+    limit = 0
+    if m := _SIZE.fullmatch(text.strip()):
+        unit = ram / 100 if m[2] == "%" else _UNITS[m[2].lower()]
+        limit = int(float(m[1]) * unit)
+    if not 256 << 20 <= limit <= ram:
         raise UsageError(f"memory limit must be a share of RAM (60%), a size from 256MiB up to RAM "
                          f"(8GiB) or none, got {text!r}")
     _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
