@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,11 +41,9 @@ event = st.fixed_dictionaries({
 })
 txs = st.lists(st.tuples(st.lists(event, min_size=1, max_size=4), st.booleans()), min_size=1, max_size=6)
 
-QUERIES = [  # (answered from the index, the same through DuckDB: ORDER BY is not a point lookup)
-    ("SELECT * FROM entities WHERE e = $e", "SELECT * FROM entities WHERE e = $e ORDER BY e"),
-    ("select state as s, t.tx from entities t where $e = t.e", "select state as s, t.tx from entities t "
-     "where $e = t.e order by 1"),
-]
+# Answered from the index; compared with one DuckDB scan per pin (ORDER BY is not a point lookup).
+FAST = ["SELECT * FROM entities WHERE e = $e", "select state as s, t.tx from entities t where $e = t.e"]
+SCAN = "SELECT * FROM entities WHERE e IN ('a', 'b', 'é', 'nobody') ORDER BY e"
 
 
 def build(root: Path, batches: list[tuple[list[dict[str, Any]], bool]]) -> Ledger:
@@ -78,11 +77,13 @@ def test_point_lookup_from_the_index_equals_duckdb(batches: list[tuple[list[dict
         lg = build(Path(tmp) / "ledger", batches)
         try:
             for db, valid_at in pins(lg):
+                scanned = db.sql(SCAN, valid_at=valid_at)
                 for e in [*ENTITIES, "nobody"]:
-                    for fast, slow in QUERIES:
-                        got = db.sql(fast, params={"e": e}, valid_at=valid_at)
-                        want = db.sql(slow, params={"e": e}, valid_at=valid_at)
-                        assert got.equals(want, check_metadata=True), (db, valid_at, e, got, want)
+                    want = scanned.filter(pc.equal(scanned["e"], e))
+                    narrow = want.select(["state", "tx"]).rename_columns(["s", "tx"])
+                    for query, expected in zip(FAST, [want, narrow], strict=True):
+                        got = db.sql(query, params={"e": e}, valid_at=valid_at)
+                        assert got.equals(expected, check_metadata=True), (db, valid_at, e, got, expected)
         finally:
             lg.close()
 
