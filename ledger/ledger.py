@@ -308,7 +308,8 @@ class Ledger:
         wanted = {"entity_path": entity_path, "deletion": deletion}
         stored = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM ledger_meta").fetchall()}
         if not stored:
-            rules = Rules(entity_path or DEFAULT_ENTITY_PATH, deletion or DEFAULT_DELETION)
+            rules = Rules(DEFAULT_ENTITY_PATH if entity_path is None else entity_path,
+                          DEFAULT_DELETION if deletion is None else deletion)
             con.executemany(
                 "INSERT INTO ledger_meta VALUES (?, ?)",
                 [["format", json.dumps(seg.FORMAT)], ["entity_path", json.dumps(rules.entity_path)],

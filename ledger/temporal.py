@@ -281,15 +281,14 @@ class Database:
         """(a, v, op, tx, seq, valid_us, tx_us, record_id) of one entity within `pin`, in
         (tx, seq, a) order; v is the Python value, times are epoch microseconds. The writer reads
         its entity index; snapshots scan the datoms."""
-        if isinstance(e, str):
-            _utf8(e, "the entity id")
+        e = _entity_id(e)
         lo = -1 if pin.since is None else pin.since
         vt = None if pin.valid_at is None else _epoch_us(pin.valid_at)
         if self._ledger.indexed:
             key = self._ledger.rules.entity_key
             kept = [
                 (a, v, v is not None, tx, seq, vus, tus, rid)
-                for tx, seq, vus, tus, rid, attrs in self._ledger.index_rows(str(e))
+                for tx, seq, vus, tus, rid, attrs in self._ledger.index_rows(e)
                 if lo < tx <= pin.basis and (vt is None or vus <= vt)
                 for a, v in attributes(loads(attrs), key)
             ]
@@ -298,7 +297,7 @@ class Database:
                 source = union_sql("datoms", files["datoms"], where="e = $e")
                 rows = cur.execute(
                     "SELECT a, v, op, tx, seq, epoch_us(valid_time), epoch_us(tx_time), record_id "
-                    f"FROM ({source})", {"e": str(e)},
+                    f"FROM ({source})", {"e": e},
                 ).fetchall()
             kept = [
                 (a, None if v is None else loads(v), *rest)
@@ -329,7 +328,7 @@ class Database:
         self, e: str, *, since: TimePoint | None = None, until: TimePoint | None = None
     ) -> list[Datom]:
         """Every assertion and retraction of the entity with since < tx <= until, in tx order."""
-        pin = self.pin
+        e, pin = _entity_id(e), self.pin
         if since is not None:
             lower = self._ledger.resolve(since)
             pin = replace(pin, since=lower if pin.since is None else max(pin.since, lower))
@@ -501,6 +500,17 @@ class Database:
 
 
 _LINE = re.compile(r"\bLINE (\d+): (.*)")
+
+
+def _entity_id(e: object) -> str:
+    """An entity id as the datoms hold it: a string, or an integer (an event's integer id is
+    stored as its decimal text, see Rules.entity_of)."""
+    if isinstance(e, int) and not isinstance(e, bool):
+        return str(e)
+    if not isinstance(e, str):
+        raise InvalidQuery(f"entity id: expected a string or an integer, got {type(e).__name__}")
+    _utf8(e, "the entity id")
+    return e
 
 
 def _utf8(value: str, what: str) -> None:
