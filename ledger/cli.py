@@ -372,17 +372,39 @@ def _is_numeric(t: pa.DataType) -> bool:
 # --------------------------------------------------------------------------------- verify
 def add_verify(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
+    parser.add_argument("--digest", metavar="TX:HASH", type=published_digest,
+                        help="also prove that tx TX has this published hash (lg.digest(), GET /tx/{t})")
+
+
+def published_digest(text: str) -> tuple[int, str]:
+    tx, _, digest = text.strip().partition(":")
+    digest = digest.lower()
+    if not (tx.isascii() and tx.isdigit() and len(tx) <= 18 and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not TX:HASH (a tx number, ':', 64 hex digits)")
+    return int(tx), digest
 
 
 def run_verify(args: argparse.Namespace) -> int:
     with open_snapshot(args) as lg:
         report = lg.verify()
         head = lg.digest()
-    if report.ok:
-        print(f"ok: checked {report.checked} transactions; latest tx {head['tx']} hash {head['hash']}")
-        return OK
-    print(f"FAILED at tx {report.first_bad_tx}: {one_line(report.reason or 'unknown reason')}")
-    return FAILED
+        found = [] if args.digest is None else lg.tx_range(args.digest[0], args.digest[0] + 1)
+    if not report.ok:
+        print(f"FAILED at tx {report.first_bad_tx}: {one_line(report.reason or 'unknown reason')}")
+        return FAILED
+    checked = f"checked {report.checked} transactions; latest tx {head['tx']} hash {head['hash']}"
+    if args.digest is not None:
+        tx, published = args.digest
+        if not found:
+            holds = "" if lg.complete else " (a running writer's newer txs are not in this snapshot)"
+            print(f"FAILED: tx {tx} is not in this ledger{holds}; {checked}")
+            return FAILED
+        if found[0].hash != published:
+            print(f"FAILED: tx {tx} has hash {found[0].hash}, not the published {published}; {checked}")
+            return FAILED
+        checked += f"; tx {tx} has the published hash"
+    print(f"ok: {checked}")
+    return OK
 
 
 # ----------------------------------------------------------------------------------- info

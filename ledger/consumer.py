@@ -639,7 +639,11 @@ async def partition_lag(
     """Lag per partition: broker highwater minus the ledger's next offset, for every partition the
     group has stored offsets for and every partition of `topics` (those not consumed yet count
     from 0, so records waiting for a consumer that never ran show up as lag). Uses `highwater()`
-    from a fetch (some brokers answer `end_offsets()` wrongly)."""
+    from a fetch (some brokers answer `end_offsets()` wrongly).
+
+    A snapshot beside a running writer (not `complete`) holds only the offsets of its sealed
+    transactions: there the group's offsets committed to Kafka, which the consumer commits right
+    after each ledger commit, count where they are further on."""
     marks = ledger.offsets(group)
     if not marks and not topics:  # nothing to ask, but an unreachable broker is still an error
         client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
@@ -649,6 +653,7 @@ async def partition_lag(
             await client.close()
         return []
     kafka = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             group_id=None if ledger.complete else group,
                              fetch_max_wait_ms=50, request_timeout_ms=int(timeout * 1000))
     try:
         await kafka.start()
@@ -675,6 +680,8 @@ async def partition_lag(
         for tp in sorted(tps):
             hw = kafka.highwater(tp)
             nxt = marks[(tp.topic, tp.partition)].next_offset
+            if not ledger.complete:
+                nxt = max(nxt, await kafka.committed(tp) or 0)
             rows.append({"topic": tp.topic, "partition": tp.partition, "next_offset": nxt,
                          "highwater": hw, "lag": None if hw is None else max(0, hw - nxt)})
         return rows

@@ -194,6 +194,25 @@ def test_verify_ok(built: Built) -> None:
     assert r.stdout.splitlines() == [f"ok: checked 4 transactions; latest tx 4 hash {built.head['hash']}"]
 
 
+def test_verify_proves_a_published_digest(built: Built) -> None:
+    head = built.head["hash"]
+    r = ledger("verify", "--digest", f"4:{head}", "--data-dir", str(built.root))
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout == f"ok: checked 4 transactions; latest tx 4 hash {head}; tx 4 has the published hash\n"
+    r = ledger("verify", "--digest", f"3:{head}", "--data-dir", str(built.root))
+    assert r.returncode == 1
+    assert r.stdout.startswith("FAILED: tx 3 has hash "), r.stdout
+    assert f"not the published {head}" in r.stdout
+    r = ledger("verify", "--digest", f"5:{head}", "--data-dir", str(built.root))
+    assert r.returncode == 1
+    assert r.stdout.startswith("FAILED: tx 5 is not in this ledger; checked 4"), r.stdout
+    r = ledger("verify", "--digest", f"4:{head.upper()}", "--data-dir", str(built.root))
+    assert r.returncode == 0, r.stdout
+    for bad in ("4", f"x:{head}", "4:ABC", f"4:{head}0", f" :{head}"):
+        r = ledger("verify", "--digest", bad, "--data-dir", str(built.root))
+        assert r.returncode == 2 and "is not TX:HASH" in r.stderr, (bad, r.stderr)
+
+
 def test_verify_names_a_value_changed_in_duckdb(built: Built, tmp_path: Path) -> None:
     root = shutil.copytree(built.root, tmp_path / "data")
     con = duckdb.connect(str(root / "ledger.duckdb"))

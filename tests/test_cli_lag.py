@@ -34,6 +34,38 @@ async def test_info_reports_lag_per_partition(broker: Broker, tmp_path: Path) ->
         (0, 10, 12, 2), (1, 5, 5, 0), (2, 0, 4, 4)]
 
 
+async def test_info_beside_a_running_writer_counts_the_groups_kafka_commits(
+    broker: Broker, tmp_path: Path,
+) -> None:
+    """The snapshot sees none of the writer's unsealed offsets; Kafka's commits say how far it got."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    await create_topics_async(broker.bootstrap, {"cli-live": 2})
+    await produce(broker.bootstrap, "cli-live", phase("a", 12), partition=0)
+    await produce(broker.bootstrap, "cli-live", phase("b", 3), partition=1)
+    with Ledger.open(tmp_path / "data") as lg:  # the writer stays open while `info` runs
+        lg.append([], offsets={("live", "cli-live", 0): OffsetMark(10)})
+        kafka = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id="live",
+                                 enable_auto_commit=False)
+        await kafka.start()
+        try:
+            kafka.assign([TopicPartition("cli-live", 0)])
+            await kafka.commit({TopicPartition("cli-live", 0): 10})
+        finally:
+            await kafka.stop()
+        out = subprocess.run(
+            [sys.executable, "-m", "ledger", "info", "--json", "--data-dir", str(tmp_path / "data"),
+             "--bootstrap", broker.bootstrap, "--group", "live"],
+            capture_output=True, text=True, cwd=REPO, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO), "LEDGER_TOPICS": "cli-live"},
+        )
+    assert out.returncode == 0, out.stderr
+    assert "is writing this ledger" in out.stderr
+    lag = json.loads(out.stdout)["lag"]
+    assert [(r["partition"], r["next_offset"], r["highwater"], r["lag"]) for r in lag] == [
+        (0, 10, 12, 2), (1, 0, 3, 3)]
+
+
 def test_quarantine_lists_raw_input_with_reason_and_provenance(tmp_path: Path) -> None:
     from ledger import Quarantined
 

@@ -249,6 +249,15 @@ def test_cli_against_a_ledger_being_written(tmp_path: Path) -> None:
                 assert row["n"] == 2 * row["t"]  # whole transactions only
             if args[0] == "info":
                 assert json.loads(r.stdout)["complete"] is False
+        # A digest newer than the snapshot's last seal is not proved by it, and says why.
+        r = subprocess.run(
+            [sys.executable, "-m", "ledger", "verify", "--digest", f"99999:{'0' * 64}",
+             "--data-dir", str(root)],
+            capture_output=True, text=True, env=child_env(), timeout=120,
+        )
+        assert r.returncode == 1, r.stderr
+        assert r.stdout.startswith(
+            "FAILED: tx 99999 is not in this ledger (a running writer's newer txs"), r.stdout
 
 
 def test_a_writer_waits_out_a_snapshot_that_holds_the_file_for_a_moment(tmp_path: Path) -> None:
