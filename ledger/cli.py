@@ -27,7 +27,7 @@ from ledger.errors import InvalidQuery, InvalidTime, LedgerError
 from ledger.ledger import DB_FILE, Ledger
 from ledger.records import to_utc
 from ledger.storage.parquet_types import infinite_column
-from ledger.temporal import JSON_TYPE, check_time_point
+from ledger.temporal import DEFAULT_TIMEOUT, JSON_TYPE, check_time_point
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -171,7 +171,9 @@ def sql_params(text: str) -> list[Any] | dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ sql
 def add_sql(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("query", type=utf8_argument, help="one SELECT (or EXPLAIN); '-' reads it from stdin")
+    parser.add_argument("query", type=utf8_argument,
+                        help="one read-only query (SELECT, WITH, EXPLAIN, DESCRIBE, SUMMARIZE); "
+                        "'-' reads it from stdin")
     parser.add_argument("--as-of", type=time_point, metavar="T",
                         help="a tx number, or an ISO-8601 instant in transaction time")
     parser.add_argument("--valid-at", type=instant, metavar="T",
@@ -182,7 +184,19 @@ def add_sql(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="FILE", help="write the result to FILE instead of stdout")
     parser.add_argument("--params", type=sql_params, metavar="JSON",
                         help='query parameters: a JSON array for $1, $2 or an object for $name')
+    parser.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"interrupt the query after this long (default {DEFAULT_TIMEOUT:g}; 0: none)")
     add_data_dir(parser)
+
+
+def seconds(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a number of seconds (0 for no limit)")
+    return value or None
 
 
 def outside_ledger(out: str, root: Path) -> Path:
@@ -200,7 +214,8 @@ def run_sql(args: argparse.Namespace) -> int:
     query = stdin_query() if args.query == "-" else args.query
     with open_snapshot(args) as lg:
         out = None if args.out is None else outside_ledger(args.out, lg.root)
-        table = lg.sql(query, as_of=args.as_of, valid_at=args.valid_at, params=args.params)
+        table = lg.sql(query, as_of=args.as_of, valid_at=args.valid_at, params=args.params,
+                       timeout=args.timeout)
     if args.format in ("parquet", "arrow"):
         write_binary(table, args.format, out)
         return OK

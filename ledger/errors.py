@@ -26,7 +26,7 @@ class InvalidQuery(LedgerError):
 
 
 class LedgerLocked(LedgerError):
-    """Another process holds the ledger's writer lock."""
+    """The ledger is already open for writing, by another process or earlier in this one."""
 
 
 class ReadOnly(LedgerError):

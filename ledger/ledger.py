@@ -224,9 +224,9 @@ class Ledger:
         entity_path: str | None = None, deletion: str | None = None,
         seal_every: int = DEFAULT_SEAL_EVERY,
     ) -> Ledger:
-        """Open (creating if missing) the ledger in `path`.
+        """Open the ledger in `path` for writing, creating it if missing.
 
-        `read_only=True` gives a consistent snapshot that never blocks a writer: the catalog and
+        `read_only=True` (never creates one: CorruptLedger when `path` holds no ledger) gives a consistent snapshot that never blocks a writer: the catalog and
         tail are copied into memory and the file lock is released at once; if a writer holds the
         lock, the snapshot covers the sealed segments only (`complete` is False, `note` says so).
         """
