@@ -3,11 +3,6 @@ and optionally wait for its first event (the illusion of synchrony) — via the 
 
 from __future__ import annotations
 
-import os as _lat_os, time as _lat_time  # LATTRACE (temporary)
-_LAT = open("/tmp/lat.log", "a", buffering=1) if _lat_os.environ.get("LAT_TRACE") else None  # LATTRACE
-def _tr(cid, stage):  # LATTRACE
-    if _LAT is not None: _LAT.write(f"{cid} {stage} {_lat_time.perf_counter():.6f}\n")  # LATTRACE
-
 import asyncio
 import json
 import math
@@ -165,7 +160,6 @@ class CommandController(Controller):
         event is in the ledger (202 `pending` if that takes longer than `timeout` seconds)."""
         if not 0 < timeout <= MAX_SYNC_TIMEOUT:
             raise bad_request(f"timeout must be in (0, {MAX_SYNC_TIMEOUT}] seconds", field="timeout")
-        _t0 = _lat_time.perf_counter()  # LATTRACE
         body = await request.body()
         env = parse_command(body)
         # Validation takes time linear in the body (patterns run on RE2): a large body's on a
@@ -180,8 +174,6 @@ class CommandController(Controller):
             **{k: env[k] for k in ("user", "system") if env.get(k) is not None},
         }
         key = services.schemas.entity_key(env["action"], env["data"]) or command["id"]
-        _LAT and _LAT.write(f"{command['id']} h0 {_t0:.6f}\n")  # LATTRACE
-        _tr(command['id'], 'h1_parsed')  # LATTRACE
         waiter = services.children.register(command["id"]) if sync else None
         try:  # answered, timed out, failed, or the client went away: no waiter outlives its request
             return await _produce_and_wait(services, command, key, waiter, timeout)
@@ -226,7 +218,6 @@ async def _produce_and_wait(
     except (KafkaError, TimeoutError) as e:
         raise unavailable(f"Kafka did not accept the command ({type(e).__name__}: {e}); "
                           "nothing was written, retry later") from e
-    _tr(command['id'], 'h2_produced')  # LATTRACE
     services.produced(meta.topic, meta.partition, meta.offset)
     body = {**command, "topic": meta.topic, "partition": meta.partition, "offset": meta.offset,
             "status": "accepted"}
@@ -235,7 +226,6 @@ async def _produce_and_wait(
         return Response(body, status_code=202, headers=location)
     try:
         kids = await asyncio.wait_for(waiter, timeout)
-        _tr(command['id'], 'h9_woken')  # LATTRACE
     except TimeoutError:
         return Response({**body, "status": "pending"}, status_code=202, headers=location)
     return Response({**body, "status": "done", "children": kids}, status_code=201, headers=location)

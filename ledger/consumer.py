@@ -9,11 +9,6 @@ redelivered message is recognised as a duplicate. Kafka's own commit is advisory
 
 from __future__ import annotations
 
-import os as _lat_os, time as _lat_time  # LATTRACE (temporary)
-_LAT = open("/tmp/lat.log", "a", buffering=1) if _lat_os.environ.get("LAT_TRACE") else None  # LATTRACE
-def _tr(cid, stage):  # LATTRACE
-    if _LAT is not None: _LAT.write(f"{cid} {stage} {_lat_time.perf_counter():.6f}\n")  # LATTRACE
-
 import asyncio
 import hashlib
 import heapq
@@ -398,9 +393,6 @@ class Consumer:
                     break
                 epoch, batch = fetched
                 if batch:
-                    for _m in batch.values():  # LATTRACE
-                        for _x in _m:  # LATTRACE
-                            _j = json.loads(_x.value); _tr(_j.get('parent') or _j.get('id'), 'c6_fetched_' + _x.topic)  # LATTRACE
                     await self._ingest(kafka, batch, epoch)
                 self._refresh_lag(kafka)
                 if self._uncommitted and time.monotonic() >= self._commit_retry_at:
@@ -473,11 +465,7 @@ class Consumer:
             # Decoding is CPU work: with the append, off the event loop (heartbeats, the API).
             assert self._appender is not None, "run() starts the appender"
             loop = asyncio.get_running_loop()
-            _ta = _lat_time.perf_counter()  # LATTRACE
             report, offsets = await loop.run_in_executor(self._appender, self._append, work)
-            for _, _m, _ in work:  # LATTRACE
-                for _x in _m:  # LATTRACE
-                    _j = json.loads(_x.value); _c = _j.get('parent') or _j.get('id'); _LAT and _LAT.write(f"{_c} c7a_append_start_{_x.topic} {_ta:.6f}\n"); _tr(_c, 'c7_appended_' + _x.topic)  # LATTRACE
             for (_, topic, partition), mark in offsets.items():
                 self._marks[(topic, partition)] = mark
                 st = self.status.assigned.get(f"{topic}/{partition}")

@@ -37,11 +37,6 @@ InitProducerId, and the guarantees above do not need them.
 
 from __future__ import annotations
 
-import os as _lat_os, time as _lat_time  # LATTRACE (temporary)
-_LAT = open("/tmp/lat.log", "a", buffering=1) if _lat_os.environ.get("LAT_TRACE") else None  # LATTRACE
-def _tr(cid, stage):  # LATTRACE
-    if _LAT is not None: _LAT.write(f"{cid} {stage} {_lat_time.perf_counter():.6f}\n")  # LATTRACE
-
 import asyncio
 import inspect
 import json
@@ -431,8 +426,6 @@ class Processor(Generic[S]):
                     if not done or batch is None:
                         break
                     if batch:
-                        for _m in batch.values():  # LATTRACE
-                            for _x in _m: _tr(json.loads(_x.value).get('id'), 'p3_fetched')  # LATTRACE
                         await self._handle(kafka, producer, batch)
                     waiting.observe(got_records=bool(batch), lagging=await _lagging(kafka))
             finally:
@@ -456,12 +449,10 @@ class Processor(Generic[S]):
                 sent += await self._handle_one(msg, producer)
         # At-least-once: the offsets move only once every event of the batch is acknowledged.
         await asyncio.gather(*(f for f, _ in sent))
-        for _f, _e in sent: _tr(_e.parent, 'p4_acked')  # LATTRACE
         self.status.events += len(sent)
         offsets = {tp: OffsetAndMetadata(msgs[-1].offset + 1, "") for tp, msgs in batch.items()}
         try:
             await kafka.commit(offsets)
-            for _f, _e in sent: _tr(_e.parent, 'p5_committed')  # LATTRACE
         except KafkaError as e:  # e.g. a rebalance: the batch is redelivered and skipped as done
             log.warning("%s: commit failed (%s); the batch will be redelivered", self.name, e)
 
