@@ -329,6 +329,26 @@ async def test_odd_but_valid_kafka_messages_do_not_stop_ingestion(broker: Broker
     assert ledger.verify().ok
 
 
+async def test_every_compression_codec_a_producer_may_use_is_ingested(broker: Broker, ledger: Ledger) -> None:
+    """A snappy, lz4 or zstd batch stopped the consumer for ever (aiokafka needs cramjam for them)."""
+    topic = "codecs"
+    codecs = ["gzip", "snappy", "lz4", "zstd"]
+    await create_topics_async(broker.bootstrap, {topic: 1})
+    for codec in codecs:
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, compression_type=codec)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, env(data={"codec": codec}), key=b"k")
+        finally:
+            await producer.stop()
+    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="codecs", topics=(topic,),
+                        kafka_options=FAST)
+    async with running(consumer):
+        await eventually(lambda: count(ledger) == len(codecs), 30, "a record per codec")
+    got = ledger.sql("SELECT data->>'codec' AS c FROM log ORDER BY kafka_offset").column("c").to_pylist()
+    assert got == codecs
+
+
 # ------------------------------------------------------------------------------------------ lag
 async def test_lag_per_partition(broker: Broker, ledger: Ledger) -> None:
     topic, group = "lag", "lag"
