@@ -226,9 +226,10 @@ class Ledger:
     ) -> Ledger:
         """Open the ledger in `path` for writing, creating it if missing.
 
-        `read_only=True` (never creates one: CorruptLedger when `path` holds no ledger) gives a consistent snapshot that never blocks a writer: the catalog and
-        tail are copied into memory and the file lock is released at once; if a writer holds the
-        lock, the snapshot covers the sealed segments only (`complete` is False, `note` says so).
+        `read_only=True` gives a consistent snapshot that never blocks a writer (and never creates
+        a ledger: CorruptLedger when `path` holds none): the catalog and tail are copied into
+        memory and the file lock is released at once; if a writer holds the lock, the snapshot
+        covers the sealed segments only (`complete` is False, `note` says so).
         """
         root = Path(path).resolve()  # segment paths handed to DuckDB must not depend on the cwd
         if seal_every < 1:
