@@ -515,7 +515,8 @@ class Consumer:
 
         Records are validated once, by append() (validation is a third of the ingest CPU): a record
         it refuses is quarantined with the reason and the batch retried; past a few of those, every
-        record is validated up front instead (as decode(check=True) would)."""
+        record is validated up front instead (as decode(check=True) would). A record reusing a
+        stored id for other content is refused by append() only: each one costs a retry."""
         decoded: list[list[tuple[ConsumerRecord[bytes, bytes], dict[str, Any]]]] = []
         quarantine: list[Quarantined] = []
         offsets: dict[tuple[str, str, int], OffsetMark] = {}
@@ -542,27 +543,26 @@ class Consumer:
         sources = [msg for msg, _ in merged]  # the message of each record
         records = [rec for _, rec in merged]
         meta = {"consumer": self.group, "offsets": covered}
-        for attempt in range(_REFUSALS_BEFORE_CHECKING_ALL + 1):
-            if attempt == _REFUSALS_BEFORE_CHECKING_ALL:
+        refusals = 0
+        while True:
+            if refusals == _REFUSALS_BEFORE_CHECKING_ALL:
                 kept = []
                 for rec, msg in zip(records, sources, strict=True):
                     try:
                         validate(0, rec)
-                        kept.append(rec)
+                        kept.append((rec, msg))
                     except InvalidRecord as e:
                         quarantine.append(_rejected(msg, invalid_reason(e)))
-                records = kept
+                records, sources = [r for r, _ in kept], [m for _, m in kept]
             quarantine.sort(key=lambda q: (q.topic or "", q.partition or 0, q.offset or 0))
             try:
-                report = self.ledger.append(records, meta, quarantine=quarantine, offsets=offsets)
+                return self.ledger.append(records, meta, quarantine=quarantine, offsets=offsets), offsets
             except InvalidRecord as e:
-                if attempt == _REFUSALS_BEFORE_CHECKING_ALL:
-                    raise  # cannot happen: every record was just validated
+                if refusals >= _REFUSALS_BEFORE_CHECKING_ALL and e.field != "id":
+                    raise  # cannot happen: every record was validated; append checks reused ids
                 records.pop(e.index)
                 quarantine.append(_rejected(sources.pop(e.index), invalid_reason(e)))
-                continue
-            return report, offsets
-        raise AssertionError("unreachable")
+                refusals += 1
 
     def _check_generation(
         self, kafka: AIOKafkaConsumer, tp: TopicPartition, msgs: list[ConsumerRecord[bytes, bytes]]

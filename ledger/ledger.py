@@ -30,6 +30,7 @@ from ledger.datoms import DEFAULT_DELETION, DEFAULT_ENTITY_PATH, Rules
 from ledger.errors import (
     ConfigMismatch,
     CorruptLedger,
+    InvalidRecord,
     LedgerError,
     LedgerLocked,
     ReadOnly,
@@ -680,6 +681,8 @@ class Ledger:
                 }
                 stored = [r for r in unique if r.id in fresh]
                 duplicates += [r for r in unique if r.id not in fresh]
+            if duplicates:
+                self._refuse_conflicts(checked, duplicates)
             tx_us = _micros(tx_time)
             rec_rows, rec_hashes = _record_rows(stored, tx, tx_us)
             index_rows = self._index_rows(con, stored, tx, tx_us, rec_rows["valid_time"])
@@ -730,6 +733,28 @@ class Ledger:
             duplicates=tuple(r.id for r in duplicates), quarantined=len(q_hashes),
         )
         return report, stored
+
+    def _refuse_conflicts(self, checked: list[NewRecord], duplicates: list[NewRecord]) -> None:
+        """InvalidRecord for the first duplicate that is not the record already stored (or first
+        in the batch) under its id: another kind, action, parent or data. A repeat is dropped; a
+        different record reusing an id would otherwise vanish without a trace."""
+        ids = ",".join(sorted({r.id for r in duplicates}))
+        first: dict[str, tuple[Any, ...]] = {
+            row["id"]: (row["kind"], row["action"], row["parent"], chain.data_hash(loads(row["data"])))
+            for row in self.db().sql(
+                "SELECT id, kind, action, parent, data FROM log "
+                "WHERE id IN (SELECT unnest(string_split($ids, ',')))", params={"ids": ids}, timeout=None,
+            ).to_pylist()
+        }
+        where = dict.fromkeys(first, "already in the ledger")
+        dup = {id(r) for r in duplicates}
+        for i, r in enumerate(checked):
+            content = (r.kind, r.action, r.parent, chain.data_hash(r.data))
+            if id(r) not in dup:
+                first.setdefault(r.id, content)
+            elif first.get(r.id, content) != content:
+                raise InvalidRecord(i, "id", f"{r.id} is {where.get(r.id, 'earlier in this batch')} as "
+                                             "another record (kind, action, parent or data differ)")
 
     def _index_rows(
         self, con: duckdb.DuckDBPyConnection, stored: list[NewRecord], tx: int, tx_us: int,

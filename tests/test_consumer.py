@@ -329,6 +329,34 @@ async def test_odd_but_valid_kafka_messages_do_not_stop_ingestion(broker: Broker
     assert ledger.verify().ok
 
 
+async def test_a_message_reusing_a_stored_id_for_other_content_is_quarantined(
+    broker: Broker, ledger: Ledger,
+) -> None:
+    """A repeat of a stored record (a producer's retry) is dropped; a different message under the
+    same id was dropped too, leaving no trace. Now it is quarantined, however many come at once."""
+    topic = "reused-ids"
+    await create_topics_async(broker.bootstrap, {topic: 1})
+    ids = [str(uuid.uuid4()) for _ in range(6)]
+    first = [env(id=i, data={"n": 1}) for i in ids]
+    again = [env(id=ids[0], data={"n": 1}, timestamp="2024-01-01T00:00:00Z")]  # a repeat
+    other = [env(id=i, data={"n": 2}) for i in ids]  # more than the refusals before checking all
+    await produce(broker.bootstrap, topic, first)
+    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="reuse", topics=(topic,),
+                        kafka_options=FAST)
+    async with running(consumer):
+        await eventually(lambda: count(ledger) == len(ids), 30, "the first records")
+        await produce(broker.bootstrap, topic, again + other)
+        await eventually(
+            lambda: ledger.sql("SELECT count(*) AS n FROM quarantine").to_pylist()[0]["n"] == len(other),
+            30, "the reused ids in quarantine")
+    assert ledger.sql("SELECT DISTINCT data->>'n' AS n FROM log").to_pylist() == [{"n": "1"}]
+    rows = ledger.sql("SELECT kafka_offset AS o, reason FROM quarantine ORDER BY 1").to_pylist()
+    assert [r["o"] for r in rows] == list(range(len(ids) + 1, 2 * len(ids) + 1))
+    assert all("is already in the ledger as another record" in r["reason"] for r in rows), rows
+    assert ledger.offsets("reuse")[(topic, 0)].next_offset == 2 * len(ids) + 1
+    assert ledger.verify().ok
+
+
 async def test_every_compression_codec_a_producer_may_use_is_ingested(broker: Broker, ledger: Ledger) -> None:
     """A snappy, lz4 or zstd batch stopped the consumer for ever (aiokafka needs cramjam for them)."""
     topic = "codecs"

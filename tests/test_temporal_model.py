@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ledger import Ledger
+from ledger import InvalidRecord, Ledger
 
 ENTITIES = ["e0", "e1", "e2", "e3"]
 ATTRS = ["a", "b", "c"]
@@ -149,16 +150,29 @@ class LedgerMachine(RuleBasedStateMachine):
     )
     def append(self, batch: list[dict[str, Any]], dup_old: bool, dup_new: bool) -> None:
         batch = [dict(r, id=str(uuid.uuid4())) for r in batch]
-        if dup_old and self.model.records and batch:
-            batch[0]["id"] = self.model.records[len(batch) % len(self.model.records)].id
-        if dup_new and len(batch) > 1:
-            batch[-1]["id"] = batch[0]["id"]
+        if dup_old and self.model.records and batch:  # a record stored before, again
+            old = self.model.records[len(batch) % len(self.model.records)]
+            batch[0] = {"id": old.id, "kind": old.kind, "action": old.action, "data": old.data}
+        if dup_new and len(batch) > 1:  # a record twice in one batch (a valid time of its own)
+            batch[-1] = {k: v for k, v in batch[0].items() if k != "timestamp"}
         rep = self.lg.append(batch)
         stored, dups = self.model.append(rep.tx, rep.tx_time, batch)
         assert list(rep.ids) == stored
         assert sorted(rep.duplicates) == sorted(dups)
         assert rep.tx == len(self.model.tx_times)
         self.check_state()
+
+    @precondition(lambda self: self.head > 0)
+    @rule(data=st.data())
+    def append_reusing_an_id(self, data: st.DataObject) -> None:
+        """A record reusing a stored id with other content is refused, and nothing is written."""
+        old = data.draw(st.sampled_from(self.model.records)) if self.model.records else None
+        if old is None:
+            return
+        other = {"id": old.id, "kind": "command", "action": "other", "data": {"n": len(old.data)}}
+        with pytest.raises(InvalidRecord, match=f"record 1: field 'id': {old.id} is already in the ledger"):
+            self.lg.append([{"kind": "command", "action": "ok", "data": {}}, other])
+        assert self.lg.head.tx == len(self.model.tx_times)
 
     @rule()
     def seal(self) -> None:
