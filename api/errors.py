@@ -17,6 +17,7 @@ from ledger.errors import (
     LedgerLocked,
     ReadOnly,
 )
+from ledger.records import json_type as json_type  # (re-exported: the API's messages use it too)
 
 PROBLEM_BASE = "https://commander-ledger.dev/problems/"
 
@@ -75,12 +76,6 @@ def not_utf8(exc: UnicodeDecodeError) -> ProblemDetailsException:
     """A JSON body holding bytes that are not UTF-8."""
     return bad_request(f"body is not valid JSON: it is not UTF-8 ({exc.reason}: byte "
                        f"0x{exc.object[exc.start]:02x})", field="body", kind="malformed-json")
-
-
-def json_type(value: object) -> str:
-    """The JSON name of a decoded value's type, for messages ("got array", not "got list")."""
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def not_found(what: str) -> ProblemDetailsException:

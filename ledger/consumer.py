@@ -29,7 +29,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from ledger.errors import InvalidRecord, LedgerError
 from ledger.fetching import FetchWait, unless_stopped
-from ledger.records import MAX_DEPTH, OffsetMark, Quarantined, validate
+from ledger.records import MAX_DEPTH, OffsetMark, Quarantined, json_type, validate
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -211,7 +211,7 @@ def decode(
     if value.count(b"[") + value.count(b"{") > MAX_JSON_DEPTH and _nests_deeper(env, MAX_JSON_DEPTH):
         return reject(f"value nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(env, dict):
-        return reject(f"value is a JSON {type(env).__name__}, not an object")
+        return reject(f"value is a JSON {json_type(env)}, not an object")
     action = env.get("action")
     if not isinstance(action, str) or not action:
         what = "is missing" if action is None else "must be a non-empty string"

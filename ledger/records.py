@@ -174,6 +174,12 @@ def to_utc(value: object, what: str) -> datetime:
         raise InvalidTime(f"{what}: {value.isoformat()} is outside the years 1-9999 in UTC") from e
 
 
+def json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages ("got array", not "got list")."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def utf8_text(value: str, what: str) -> str:
     """`value` if it can be stored as UTF-8; lone surrogates (e.g. from bad decoding) cannot."""
     if value.isascii():  # a flag read: only other text can hold a surrogate

@@ -89,8 +89,8 @@ BAD = {
     # name: (raw value, the start of the reason)
     "invalid utf-8": (b'{"action": "deposit", "data": {"n": "\xff\xfe"}}', "value is not valid UTF-8"),
     "not json": (b"deposit 10 to acct-1", "value is not JSON"),
-    "json array": (b'[{"action": "deposit"}]', "value is a JSON list, not an object"),
-    "json string": (b'"deposit"', "value is a JSON str, not an object"),
+    "json array": (b'[{"action": "deposit"}]', "value is a JSON array, not an object"),
+    "json string": (b'"deposit"', "value is a JSON string, not an object"),
     "missing action": (b'{"data": {"n": 1}}', "field 'action' is missing"),
     "non-string action": (b'{"action": 7, "data": {"n": 1}}', "field 'action' must be a non-empty string"),
     "empty action": (b'{"action": "", "data": {"n": 1}}', "field 'action' must be a non-empty string"),
