@@ -357,6 +357,29 @@ async def test_a_message_reusing_a_stored_id_for_other_content_is_quarantined(
     assert ledger.verify().ok
 
 
+async def test_a_stored_message_that_comes_alone_does_not_stall_its_partition(
+    broker: Broker, ledger: Ledger,
+) -> None:
+    """A message too big to share a fetch (5 MiB: quarantined) is the stored one the next records
+    are checked against; they never came in the same fetch, and the partition stalled for ever."""
+    topic = "big-then-small"
+    await create_topics_async(broker.bootstrap, {topic: 1})
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=8 << 20)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, env(data={"blob": "x" * (5 << 20)}))
+        await producer.send_and_wait(topic, env(data={"n": 1}))
+    finally:
+        await producer.stop()
+    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="big", topics=(topic,),
+                        kafka_options=FAST)
+    async with running(consumer):
+        await eventually(lambda: count(ledger) == 1, 30, "the record after the big one")
+        await produce(broker.bootstrap, topic, [env(data={"n": 2})])
+        await eventually(lambda: count(ledger) == 2, 30, "a record produced later")
+    assert ledger.sql("SELECT kafka_offset AS o FROM quarantine").to_pylist() == [{"o": 0}]
+
+
 async def test_every_compression_codec_a_producer_may_use_is_ingested(broker: Broker, ledger: Ledger) -> None:
     """A snappy, lz4 or zstd batch stopped the consumer for ever (aiokafka needs cramjam for them)."""
     topic = "codecs"
