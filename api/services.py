@@ -70,6 +70,9 @@ class Settings:
     partitions: int = 3  # for topics the embedded broker creates
 
 
+CONSUMER_SETTLE_S = 10.0  # /ready says not ready for this long after the consumer failed
+
+
 class Services:
     """What handlers need: the ledger, the producer, the consumer and the wake-up machinery."""
 
@@ -87,6 +90,7 @@ class Services:
         self._stop = asyncio.Event()
         self._produced: dict[tuple[str, int], int] = {}
         self._broker_check: tuple[float, asyncio.Future[bool]] | None = None  # (asked at, answer)
+        self._consumer_failed_at = -float("inf")  # monotonic time of the consumer's last failure
 
     async def start(self) -> None:
         s = self.settings
@@ -114,7 +118,7 @@ class Services:
         # Kafka may be down: the API still serves reads, answers 503 to commands and /ready
         # reports it, while these tasks keep trying to connect.
         self._tasks.append(asyncio.create_task(self._keep_producer(), name="producer"))
-        self._tasks.append(asyncio.create_task(self._keep_running(self.consumer.run), name="consumer"))
+        self._tasks.append(asyncio.create_task(self._keep_running(self._run_consumer), name="consumer"))
         if s.view_refresh_s > 0:
             self._tasks.append(asyncio.create_task(self._refresh_views(), name="views"))
         if s.demo:
@@ -206,7 +210,7 @@ class Services:
     async def _keep_producer(self) -> None:
         while not self._stop.is_set():
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap, acks="all", linger_ms=1, enable_idempotence=False,
+                bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, enable_idempotence=False,
                 request_timeout_ms=int(self.settings.produce_timeout * 1000), max_batch_size=256 * 1024,
                 max_request_size=MAX_VALUE_BYTES + (64 << 10),  # the API's limit is on the value
             )
@@ -222,12 +226,19 @@ class Services:
             self.producer = producer
             return
 
+    async def _run_consumer(self, stop: asyncio.Event) -> None:
+        try:
+            await self.consumer.run(stop)
+        except Exception as e:
+            self.consumer.status.last_error = f"{type(e).__name__}: {e}"
+            self._consumer_failed_at = time.monotonic()
+            raise
+
     async def _keep_running(self, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         while not self._stop.is_set():
             try:
                 await run(self._stop)
             except Exception as e:  # noqa: BLE001 - log, back off, reconnect
-                self.consumer.status.last_error = f"{type(e).__name__}: {e}"
                 log.warning("%s failed (%s); restarting", run, e)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 2)
@@ -288,7 +299,9 @@ class Services:
         status = self.consumer.status.as_dict()
         checks = {
             "ledger": not self.ledger.read_only,
-            "consumer": status["running"] and bool(status["partitions"]),
+            # (not when it failed lately: one that fails again on every restart is not ready)
+            "consumer": status["running"] and bool(status["partitions"])
+            and time.monotonic() - self._consumer_failed_at > CONSUMER_SETTLE_S,
             "broker": await self._broker_answers(),
         }
         return {"ready": all(checks.values()), "checks": checks, "tx": self.ledger.head.tx,

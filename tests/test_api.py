@@ -467,6 +467,46 @@ def test_ready_notices_a_dead_broker_and_its_return(tmp_path: Path) -> None:
         broker.stop()
 
 
+# A header name whose bytes are not UTF-8 (aiokafka's pure-Python encoder asks the str for them):
+# aiokafka's consumer cannot parse the batch, so the ledger's consumer fails on it at every restart.
+PRODUCE_BAD_HEADER_NAME = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+class Name(str):
+    def encode(self, *args, **kwargs):
+        return b"\\xff\\xfe"
+async def main():
+    producer = AIOKafkaProducer(bootstrap_servers=sys.argv[1], enable_idempotence=False)
+    await producer.start()
+    try:
+        await producer.send_and_wait("commands", b'{"action": "x", "data": {}}', headers=[(Name("h"), b"v")])
+    finally:
+        await producer.stop()
+asyncio.run(main())
+"""
+
+
+def test_ready_stays_not_ready_while_the_consumer_fails_at_every_restart(tmp_path: Path) -> None:
+    from ledger.broker import Broker, create_topics
+
+    broker = Broker().start()
+    create_topics(broker.bootstrap, {"commands": 1, "events": 1})
+    srv = Server(tmp_path / "data", "--bootstrap", broker.bootstrap,
+                 env={"LEDGER_KAFKA_BOOTSTRAP": broker.bootstrap}).start()
+    try:
+        subprocess.run([sys.executable, "-c", PRODUCE_BAD_HEADER_NAME, broker.bootstrap], check=True,
+                       timeout=60, env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"})
+        r = wait_for(lambda: (r := httpx.get(srv.url + "/ready", timeout=10)).status_code == 503 and r, 30)
+        assert r.json()["checks"]["consumer"] is False
+        assert "UnicodeDecodeError" in r.json()["consumer"]["last_error"]
+        for _ in range(16):  # restarts every ~2 s: it was ready between failures
+            time.sleep(0.5)
+            assert httpx.get(srv.url + "/ready", timeout=10).status_code == 503
+    finally:
+        srv.stop()
+        broker.stop()
+
+
 def test_a_websocket_client_that_leaves_an_idle_stream_is_let_go(tmp_path: Path) -> None:
     """Nothing is sent on an idle ledger, so only reading the socket notices the client is gone:
     before, each handler lived on until shutdown cancelled it (found by audit)."""
