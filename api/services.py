@@ -20,7 +20,7 @@ from api.notify import ChildWatcher, Notifier
 from api.registry import SchemaRegistry
 from ledger import Ledger, views
 from ledger.broker import Broker, create_topics_async
-from ledger.consumer import MAX_VALUE_BYTES, Consumer, topic_kinds
+from ledger.consumer import MAX_VALUE_BYTES, Consumer, connection_options, topic_kinds
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -213,6 +213,7 @@ class Services:
                 bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, enable_idempotence=False,
                 request_timeout_ms=int(self.settings.produce_timeout * 1000), max_batch_size=256 * 1024,
                 max_request_size=MAX_VALUE_BYTES + (64 << 10),  # the API's limit is on the value
+                **connection_options(self.consumer.kafka_options),
             )
             try:
                 await producer.start()

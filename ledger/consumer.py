@@ -57,6 +57,20 @@ MAX_VALUE_BYTES = 1 << 20  # larger values are quarantined (the default of Consu
 _REFUSALS_BEFORE_CHECKING_ALL = 3  # see Consumer._append
 
 
+# Settings that say how to reach and authenticate to Kafka, not how to consume: a producer beside
+# the consumer (the API's, for POST /commands) takes these from $LEDGER_KAFKA_OPTIONS too.
+_CONNECTION_OPTIONS = frozenset({
+    "security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
+    "sasl_kerberos_service_name", "sasl_kerberos_domain_name", "client_id", "api_version",
+    "connections_max_idle_ms", "metadata_max_age_ms", "retry_backoff_ms",
+})
+
+
+def connection_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of `options` a producer needs as much as the consumer (see _CONNECTION_OPTIONS)."""
+    return {k: v for k, v in options.items() if k in _CONNECTION_OPTIONS}
+
+
 def kafka_options_from_env() -> dict[str, Any]:
     """The extra consumer settings in $LEDGER_KAFKA_OPTIONS (a JSON object), or {}."""
     text = os.environ.get(KAFKA_OPTIONS_ENV, "").strip()

@@ -498,6 +498,24 @@ async def test_partitions_of_one_batch_are_interleaved_by_timestamp(broker: Brok
     assert [r["i"] for r in rows] == list(range(30))
 
 
+async def test_the_apis_producer_takes_the_connection_settings_of_ledger_kafka_options() -> None:
+    """SASL credentials given for the consumer reach the producer of POST /commands too; consumer
+    settings stay with the consumer (AIOKafkaProducer would refuse them)."""
+    from aiokafka import AIOKafkaProducer
+
+    from ledger.consumer import connection_options
+
+    given = {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_plain_username": "u",
+             "sasl_plain_password": "p", "client_id": "ledger", "fetch_max_wait_ms": 5,
+             "max_poll_records": 10, "session_timeout_ms": 9000}
+    kept = connection_options(given)
+    assert kept == {k: given[k] for k in ("security_protocol", "sasl_mechanism", "sasl_plain_username",
+                                          "sasl_plain_password", "client_id")}
+    await AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", **kept).stop()  # takes them (never started)
+    with pytest.raises(TypeError):
+        AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", **given)
+
+
 def test_topic_kinds_follow_the_configured_topic_names(monkeypatch: pytest.MonkeyPatch) -> None:
     from ledger.cli import build_parser, kafka_settings
     from ledger.consumer import topic_kinds
