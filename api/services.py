@@ -210,7 +210,7 @@ class Services:
     async def _keep_producer(self) -> None:
         while not self._stop.is_set():
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, enable_idempotence=False,
+                bootstrap_servers=self.bootstrap, acks="all", linger_ms=1, enable_idempotence=False,
                 request_timeout_ms=int(self.settings.produce_timeout * 1000), max_batch_size=256 * 1024,
                 max_request_size=MAX_VALUE_BYTES + (64 << 10),  # the API's limit is on the value
                 **connection_options(self.consumer.kafka_options),

@@ -142,7 +142,6 @@ def build(
     bank = Processor(
         bootstrap=bootstrap, group=group, commands_topic=commands_topic, events_topic=events_topic,
         state=Bank, join_group=join_group, name=name, max_batch=max_batch,
-        linger_ms=0,  # a command's events leave at once (sync commands wait for them)
     )
     for action, fn in HANDLERS.items():
         bank.handler(action)(_rejecting(action, fn))

@@ -24,8 +24,6 @@ Delivery is at-least-once with exactly-once effects:
   (by ``parent``) and skips it, so a deposit is never applied twice against the rebuilt state.
 * Command offsets are committed only after the broker acknowledged (``acks=all``) every event of
   the fetched batch.  A crash in between means redelivery, which the rule above makes harmless.
-  The commit runs in the background (the next batch need not wait for it); a rebalance and
-  shutdown wait for it.
 * Events of one command can land on different partitions (the key is the entity id), so a crash can
   leave a command half-produced.  Every event of a multi-event command therefore carries the whole
   batch in a ``commander-batch`` header, and replay re-produces the missing events (same ids, same
@@ -50,6 +48,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from ledger.fetching import FetchWait, unless_stopped
@@ -73,7 +72,6 @@ BATCH_HEADER = "commander-batch"
 # Key + value + headers of one event: under Kafka's default 1 MiB message and request limits.
 MAX_EVENT_BYTES = 1_000_000
 _REPLAY_BATCH = 5_000
-_COMMIT_FLUSH_S = 10.0  # how long a rebalance or shutdown waits for the offset commit in flight
 
 
 @dataclass(frozen=True)
@@ -223,9 +221,6 @@ class Processor(Generic[S]):
         self._handlers: dict[str, Handler[S]] = {}
         self._folds: dict[str | None, list[Fold[S]]] = {}
         self._done: set[str] = set()  # commands that already have events from this processor
-        # Offsets whose events are acknowledged, committed by one background task at a time.
-        self._to_commit: dict[TopicPartition, OffsetAndMetadata] = {}
-        self._committer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------------------ registration
     @property
@@ -278,7 +273,6 @@ class Processor(Generic[S]):
         stop = stop or asyncio.Event()
         self.state = self._make_state()
         self._done = set()
-        self._to_commit, self._committer = {}, None
         self.status = ProcessorStatus()
         self.ready.clear()
         producer = AIOKafkaProducer(
@@ -412,7 +406,7 @@ class Processor(Generic[S]):
 
                 class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
                     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-                        await processor._flush_commits()  # handled batches: commit them first
+                        pass  # nothing to flush: offsets are committed before the next fetch
 
                     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
                         processor._set_ready()
@@ -436,7 +430,6 @@ class Processor(Generic[S]):
                     waiting.observe(got_records=bool(batch), lagging=await _lagging(kafka))
             finally:
                 stopper.cancel()
-                await self._flush_commits()
         finally:
             await kafka.stop()
 
@@ -457,31 +450,11 @@ class Processor(Generic[S]):
         # At-least-once: the offsets move only once every event of the batch is acknowledged.
         await asyncio.gather(*(f for f, _ in sent))
         self.status.events += len(sent)
-        self._to_commit.update(
-            {tp: OffsetAndMetadata(msgs[-1].offset + 1, "") for tp, msgs in batch.items()})
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.ensure_future(self._commit(kafka))
-
-    async def _commit(self, kafka: AIOKafkaConsumer) -> None:
-        """Commit acknowledged batches' offsets until none are left (one commit in flight)."""
-        while self._to_commit:
-            offsets, self._to_commit = self._to_commit, {}
-            try:
-                await kafka.commit(offsets)
-            except Exception as e:  # e.g. a rebalance: the batch is redelivered and skipped as done
-                log.warning("%s: commit failed (%s); the batch will be redelivered", self.name, e)
-
-    async def _flush_commits(self) -> None:
-        """Wait for the commit in flight (bounded: with the broker gone it would retry for ever;
-        what it leaves uncommitted is redelivered, and skipped as done)."""
-        committer = self._committer
-        if committer is None or committer.done():
-            return
-        await asyncio.wait({committer}, timeout=_COMMIT_FLUSH_S)
-        if not committer.done():
-            committer.cancel()
-            log.warning("%s: offset commit still pending after %s s; left to redelivery",
-                        self.name, _COMMIT_FLUSH_S)
+        offsets = {tp: OffsetAndMetadata(msgs[-1].offset + 1, "") for tp, msgs in batch.items()}
+        try:
+            await kafka.commit(offsets)
+        except KafkaError as e:  # e.g. a rebalance: the batch is redelivered and skipped as done
+            log.warning("%s: commit failed (%s); the batch will be redelivered", self.name, e)
 
     async def _handle_one(
         self, msg: ConsumerRecord[bytes, bytes], producer: AIOKafkaProducer
