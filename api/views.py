@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, post, put
+from litestar.openapi import ResponseSpec
 from litestar.params import QueryParameter
 from litestar.response import Stream
 
@@ -52,7 +53,11 @@ class ViewController(Controller):
         items = [await asyncio.to_thread(views.describe, lg, n) for n in sorted(defs)]
         return {"tx": lg.head.tx, "items": items}
 
-    @put("/{name:str}", responses=problems(400, 413))
+    @put("/{name:str}", response_description="Replaced an existing view's definition", responses={
+        201: ResponseSpec(dict[str, Any], generate_examples=False,
+                          description="Defined a new view (Location: /views/{name})"),
+        **problems(400, 413),
+    })
     async def define(self, services: Services, name: str, data: Any = None) -> Response[Any]:
         """Define or replace a view (validated by a dry run): 201 new, 200 replaced."""
         data = sql_body(data, {"sql", "description"})

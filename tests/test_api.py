@@ -675,6 +675,9 @@ def test_openapi_describes_the_real_requests_and_responses(server: Server) -> No
         assert {"type", "title", "status", "detail"} <= set(shape["required"])
         assert {"field", "errors"} <= set(shape["properties"])
 
+    # PUT /views/{name} answers 201 for a new view and 200 for a replaced one (OpenAPI said 200 only)
+    assert sorted(paths["/views/{name}"]["put"]["responses"]) == ["200", "201", "400", "413"]
+
     for path in ("/commands/{command_id}", "/events/{event_id}", "/schemas/{action}", "/entities/{entity_id}",
                  "/tx/{t}", "/views/{name}", "/views/{name}/rows"):
         problem_shape(paths[path]["get"]["responses"]["404"])
