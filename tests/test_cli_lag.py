@@ -15,6 +15,16 @@ from tests.test_consumer import phase, produce
 REPO = Path(__file__).resolve().parents[1]
 
 
+def info_lag(data_dir: Path, bootstrap: str, *, group: str, topics: str) -> subprocess.CompletedProcess[str]:
+    """`ledger info --json` with the lag, run as its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "ledger", "info", "--json", "--data-dir", str(data_dir),
+         "--bootstrap", bootstrap, "--group", group],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO), "LEDGER_TOPICS": topics},
+    )
+
+
 async def test_info_reports_lag_per_partition(broker: Broker, tmp_path: Path) -> None:
     await create_topics_async(broker.bootstrap, {"cli-lag": 3})
     await produce(broker.bootstrap, "cli-lag", phase("a", 12), partition=0)
@@ -22,12 +32,7 @@ async def test_info_reports_lag_per_partition(broker: Broker, tmp_path: Path) ->
     await produce(broker.bootstrap, "cli-lag", phase("c", 4), partition=2)  # never consumed: all lag
     with Ledger.open(tmp_path / "data") as lg:  # as a consumer would: offsets stored with a tx
         lg.append([], offsets={("cli", "cli-lag", 0): OffsetMark(10), ("cli", "cli-lag", 1): OffsetMark(5)})
-    out = subprocess.run(
-        [sys.executable, "-m", "ledger", "info", "--json", "--data-dir", str(tmp_path / "data"),
-         "--bootstrap", broker.bootstrap, "--group", "cli"],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(REPO), "LEDGER_TOPICS": "cli-lag"},
-    )
+    out = info_lag(tmp_path / "data", broker.bootstrap, group="cli", topics="cli-lag")
     assert out.returncode == 0, out.stderr
     lag = json.loads(out.stdout)["lag"]
     assert [(r["partition"], r["next_offset"], r["highwater"], r["lag"]) for r in lag] == [
@@ -53,12 +58,7 @@ async def test_info_beside_a_running_writer_counts_the_groups_kafka_commits(
             await kafka.commit({TopicPartition("cli-live", 0): 10})
         finally:
             await kafka.stop()
-        out = subprocess.run(
-            [sys.executable, "-m", "ledger", "info", "--json", "--data-dir", str(tmp_path / "data"),
-             "--bootstrap", broker.bootstrap, "--group", "live"],
-            capture_output=True, text=True, cwd=REPO, timeout=60,
-            env={**os.environ, "PYTHONPATH": str(REPO), "LEDGER_TOPICS": "cli-live"},
-        )
+        out = info_lag(tmp_path / "data", broker.bootstrap, group="live", topics="cli-live")
     assert out.returncode == 0, out.stderr
     assert "is writing this ledger" in out.stderr
     lag = json.loads(out.stdout)["lag"]

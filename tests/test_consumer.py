@@ -64,6 +64,11 @@ def count(lg: Ledger, where: str = "true") -> int:
     return int(lg.sql(f"SELECT count(*) AS n FROM log WHERE {where}").to_pylist()[0]["n"])
 
 
+def consumer_of(ledger: Ledger, broker: Broker, topic: str, *, group: str) -> Consumer:
+    """A consumer of one topic, quick to join its group."""
+    return Consumer(ledger, bootstrap=broker.bootstrap, group=group, topics=(topic,), kafka_options=FAST)
+
+
 @contextlib.asynccontextmanager
 async def running(consumer: Consumer) -> AsyncIterator[Consumer]:
     stop = asyncio.Event()
@@ -341,8 +346,7 @@ async def test_a_message_reusing_a_stored_id_for_other_content_is_quarantined(
     again = [env(id=ids[0], data={"n": 1}, timestamp="2024-01-01T00:00:00Z")]  # a repeat
     other = [env(id=i, data={"n": 2}) for i in ids]  # more than the refusals before checking all
     await produce(broker.bootstrap, topic, first)
-    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="reuse", topics=(topic,),
-                        kafka_options=FAST)
+    consumer = consumer_of(ledger, broker, topic, group="reuse")
     async with running(consumer):
         await eventually(lambda: count(ledger) == len(ids), 30, "the first records")
         await produce(broker.bootstrap, topic, again + other)
@@ -371,8 +375,7 @@ async def test_a_stored_message_that_comes_alone_does_not_stall_its_partition(
         await producer.send_and_wait(topic, env(data={"n": 1}))
     finally:
         await producer.stop()
-    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="big", topics=(topic,),
-                        kafka_options=FAST)
+    consumer = consumer_of(ledger, broker, topic, group="big")
     async with running(consumer):
         await eventually(lambda: count(ledger) == 1, 30, "the record after the big one")
         await produce(broker.bootstrap, topic, [env(data={"n": 2})])
@@ -392,8 +395,7 @@ async def test_every_compression_codec_a_producer_may_use_is_ingested(broker: Br
             await producer.send_and_wait(topic, env(data={"codec": codec}), key=b"k")
         finally:
             await producer.stop()
-    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="codecs", topics=(topic,),
-                        kafka_options=FAST)
+    consumer = consumer_of(ledger, broker, topic, group="codecs")
     async with running(consumer):
         await eventually(lambda: count(ledger) == len(codecs), 30, "a record per codec")
     got = ledger.sql("SELECT data->>'codec' AS c FROM log ORDER BY kafka_offset").column("c").to_pylist()
@@ -489,8 +491,7 @@ async def test_partitions_of_one_batch_are_interleaved_by_timestamp(broker: Brok
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
-    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="interleave", topics=(topic,),
-                        kafka_options=FAST)
+    consumer = consumer_of(ledger, broker, topic, group="interleave")
     async with running(consumer):
         await eventually(lambda: count(ledger) == 30, 20, "the records")
     rows = ledger.sql("SELECT tx, CAST(data->>'i' AS INTEGER) AS i FROM log ORDER BY tx, seq").to_pylist()
