@@ -51,6 +51,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from ledger.consumer import connection_options, kafka_options_from_env
 from ledger.fetching import FetchWait, unless_stopped
 from ledger.records import validate
 
@@ -181,7 +182,7 @@ class Processor(Generic[S]):
         self: Processor[dict[str, Any]], *, bootstrap: str, group: str,
         commands_topic: str = ..., events_topic: str = ..., fetch_max_wait_ms: int = ...,
         state: None = None, name: str | None = ..., replay: bool = ..., join_group: bool = ...,
-        linger_ms: int = ..., max_batch: int = ...,
+        linger_ms: int = ..., max_batch: int = ..., kafka_options: Mapping[str, Any] | None = ...,
     ) -> None: ...
 
     @overload
@@ -189,6 +190,7 @@ class Processor(Generic[S]):
         self, *, bootstrap: str, group: str, commands_topic: str = ..., events_topic: str = ...,
         fetch_max_wait_ms: int = ..., state: Callable[[], S], name: str | None = ...,
         replay: bool = ..., join_group: bool = ..., linger_ms: int = ..., max_batch: int = ...,
+        kafka_options: Mapping[str, Any] | None = ...,
     ) -> None: ...
 
     def __init__(
@@ -196,6 +198,7 @@ class Processor(Generic[S]):
         events_topic: str = "events", fetch_max_wait_ms: int = 5,
         state: Callable[[], Any] | None = None, name: str | None = None, replay: bool = True,
         join_group: bool = True, linger_ms: int = 1, max_batch: int = 500,
+        kafka_options: Mapping[str, Any] | None = None,
     ) -> None:
         """``state`` makes a fresh, empty state (default ``dict``); it is rebuilt from the events on
         every :meth:`run`.  ``name`` (default ``group``) is the processor's identity: it goes into
@@ -203,7 +206,10 @@ class Processor(Generic[S]):
         the rebuild (only for stateless processors).  ``join_group=False`` reads every partition of
         the commands topic by manual assignment and uses the group only for committed offsets:
         no rebalance wait at start (about 5 s on Tansu), no failover.  ``max_batch`` caps the
-        commands handled between two offset commits."""
+        commands handled between two offset commits.  ``kafka_options`` are the settings that say
+        how to reach and authenticate to Kafka (SASL, SSL, ``client_id``; the rest are refused),
+        for its producer and consumers alike; default: those of ``$LEDGER_KAFKA_OPTIONS``, as
+        ``ledger consume`` takes them."""
         self.bootstrap = bootstrap
         self.group = group
         self.name = name or group
@@ -214,6 +220,7 @@ class Processor(Generic[S]):
         self.join_group = join_group
         self.linger_ms = linger_ms
         self.max_batch = max_batch
+        self.kafka_options = _connection(kafka_options)
         self._make_state = cast("Callable[[], S]", state or dict)
         self.state: S = self._make_state()
         self.status = ProcessorStatus()
@@ -277,10 +284,10 @@ class Processor(Generic[S]):
         self.ready.clear()
         producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False,
-            linger_ms=self.linger_ms, max_batch_size=256 * 1024,
+            linger_ms=self.linger_ms, max_batch_size=256 * 1024, **self.kafka_options,
         )
-        await producer.start()
-        try:
+        try:  # (stopped also when start fails: its connections are let go)
+            await producer.start()
             if self.replay:
                 await self._rebuild(producer, seed, stop)
             if not stop.is_set():
@@ -302,10 +309,10 @@ class Processor(Generic[S]):
         kafka = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_wait_ms=self.fetch_max_wait_ms,
-            max_partition_fetch_bytes=4 << 20,
+            max_partition_fetch_bytes=4 << 20, **self.kafka_options,
         )
-        await kafka.start()
         try:
+            await kafka.start()
             tps = [TopicPartition(self.events_topic, p)
                    for p in sorted(await producer.partitions_for(self.events_topic))]
             kafka.assign(tps)
@@ -397,10 +404,10 @@ class Processor(Generic[S]):
         kafka = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_wait_ms=self.fetch_max_wait_ms,
-            max_partition_fetch_bytes=4 << 20,
+            max_partition_fetch_bytes=4 << 20, **self.kafka_options,
         )
-        await kafka.start()
         try:
+            await kafka.start()
             if self.join_group:
                 processor = self
 
@@ -560,6 +567,16 @@ class Processor(Generic[S]):
                 # A malformed event (perhaps from another producer) must not stop the processor.
                 self.status.fold_errors += 1
                 log.exception("%s: folding event %s (%s) failed", self.name, event.id, event.action)
+
+
+def _connection(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    if options is None:
+        return connection_options(kafka_options_from_env())
+    if not isinstance(options, Mapping):
+        raise TypeError(f"kafka_options must be a mapping, got {type(options).__name__}")
+    if other := sorted(set(options) - set(connection_options(options))):
+        raise ValueError(f"kafka_options may only say how to reach Kafka; not {', '.join(other)}")
+    return dict(options)
 
 
 def command_envelope(

@@ -334,3 +334,35 @@ async def test_seed_events_fold_once_and_mark_their_commands_done(kafka: Broker)
         await task
     assert p.status.replayed == 2 and p.status.redelivered == 1
     assert p.state == {"a": 1, "b": 6}
+
+
+async def test_connection_settings_reach_the_processors_kafka_clients(kafka: Broker,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """SASL settings (given, or from $LEDGER_KAFKA_OPTIONS like `ledger consume`) are used: this
+    broker offers no PLAIN mechanism, so the processor cannot connect; without them it runs.
+    Settings that are not about reaching Kafka are refused up front."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from examples.bank import build
+
+    sasl = {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+            "sasl_plain_username": "u", "sasl_plain_password": "p"}
+    commands, events = await fresh_topics(kafka.bootstrap)
+    proc = Processor(bootstrap=kafka.bootstrap, group="sasl", commands_topic=commands,
+                     events_topic=events, kafka_options=sasl)
+    with pytest.raises(KafkaConnectionError):
+        await asyncio.wait_for(proc.run(), 20)
+    monkeypatch.setenv("LEDGER_KAFKA_OPTIONS", json.dumps({**sasl, "max_poll_records": 10}))
+    bank = build(kafka.bootstrap, commands_topic=commands, events_topic=events)
+    assert bank.kafka_options == sasl  # the consumer-only setting stays with `ledger consume`
+    with pytest.raises(KafkaConnectionError):
+        await asyncio.wait_for(bank.run(), 20)
+    with pytest.raises(ValueError, match="max_poll_records"):
+        Processor(bootstrap=kafka.bootstrap, group="g", kafka_options={"max_poll_records": 10})
+    monkeypatch.delenv("LEDGER_KAFKA_OPTIONS")
+    stop = asyncio.Event()
+    bank = build(kafka.bootstrap, commands_topic=commands, events_topic=events)
+    task = asyncio.create_task(bank.run(stop))
+    await asyncio.wait_for(bank.ready.wait(), 30)
+    stop.set()
+    await task
