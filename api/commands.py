@@ -96,14 +96,31 @@ def _integer(text: str) -> int:
                            f"{sys.get_int_max_str_digits():,} are accepted") from None
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object of the body; a key given twice is refused (which value was meant is a guess)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(f"body repeats the key {key!r} in one object")
+            seen.add(key)
+    return obj
+
+
 def parse_command(body: bytes) -> dict[str, Any]:
     """The request body as a command envelope, checked as the ledger will check the record it
     becomes (so what is accepted here is never quarantined); 400 naming the field otherwise."""
     try:
-        env = json.loads(body, parse_float=_finite, parse_int=_integer, parse_constant=_not_a_number)
+        env = json.loads(body, parse_float=_finite, parse_int=_integer, parse_constant=_not_a_number,
+                         object_pairs_hook=_unique_keys)
     except RecursionError as e:
         raise bad_request(f"body nests deeper than {MAX_JSON_DEPTH} levels", field="data") from e
-    except _LongInteger as e:
+    except (_LongInteger, _RepeatedKey) as e:
         raise bad_request(str(e), field="body") from e
     except UnicodeDecodeError as e:
         raise not_utf8(e) from e

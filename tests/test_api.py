@@ -166,10 +166,14 @@ def test_cursor_pagination_is_stable_while_records_arrive(server: Server) -> Non
         (b'{"action": "x", "data": {"n": -Infinity}}', None),
         (b'{"action": "x", "data": {"a": ' + b"[" * 200 + b"]" * 200 + b"}}", "data"),
         (b'{"action": "x", "data": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "data"),
+        (b'{"action": "x", "action": "y", "data": {}}', "body"),  # which one was meant?
+        (b'{"action": "x", "data": {"n": {"m": 1, "m": 2}}}', "body"),
     ],
 )
 def test_malformed_commands_are_400_problems(server: Server, body: Any, field: str | None) -> None:
-    assert_problem(post_command(server, body), 400, field=field)
+    problem = assert_problem(post_command(server, body), 400, field=field)
+    if b'"m": 1, "m"' in (body if isinstance(body, bytes) else b""):
+        assert "repeats the key 'm'" in problem["detail"]
 
 
 def test_a_command_too_large_for_a_kafka_message_is_413_not_503(server: Server) -> None:
