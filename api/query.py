@@ -26,6 +26,7 @@ from ledger.storage.parquet_types import infinite_column
 MAX_ROWS = 100_000
 MAX_RESULT_BYTES = 256 << 20  # a result's size in Arrow, about its size in any format
 TRUNCATED = "Ledger-Result-Truncated"  # header: "true" when the row limit cut the result
+AS_OF_TX = "Ledger-As-Of-Tx"  # header: the tx a query was read as of
 MAX_TX = 2**63 - 1
 
 
@@ -158,7 +159,7 @@ class QueryController(Controller):
         is sent percent-encoded (`%2F`)."""
         entity_id = decode_entity_id(entity_id)
         lg = services.ledger
-        at = time_param(as_of, "as_of")  # (empty: the latest, as everywhere; was tx 0)
+        at = time_param(as_of, "as_of", head=lg.head.tx)  # (empty: the latest, as everywhere; was tx 0)
         db = lg.db() if at is None else lg.as_of(at)
         valid = instant_param(valid_at, "valid_at")
         found = await asyncio.to_thread(db.entity_with_tx, entity_id, valid_at=valid)
@@ -231,15 +232,22 @@ class QueryController(Controller):
             raise bad_request("valid_at must be an ISO-8601 instant", field="valid_at")
         if params is not None and not isinstance(params, (list, dict)):
             raise bad_request("params must be a list ($1, $2, ...) or an object ($name)", field="params")
-        pinned = None if as_of is None else time_param(str(as_of), "as_of")
+        pinned = None if as_of is None else time_param(str(as_of), "as_of", head=services.ledger.head.tx)
         valid = instant_param(valid_at, "valid_at")
+        lg = services.ledger
+
+        def run() -> tuple[int, pa.Table]:
+            db = lg.db() if pinned is None else lg.as_of(pinned)
+            return db.basis_tx, db.sql(data["sql"], valid_at=valid, params=params, limit=limit)
+
         try:
-            table = await asyncio.to_thread(
-                services.ledger.sql, data["sql"], as_of=pinned, valid_at=valid, params=params, limit=limit)
+            basis, table = await asyncio.to_thread(run)
         except (InvalidQuery, InvalidTime) as e:
             raise bad_request(str(e), field=_at_fault(str(e), params),
                               kind="invalid-query" if isinstance(e, InvalidQuery) else "invalid-time") from e
-        return table_response(table, fmt)
+        response = table_response(table, fmt)
+        response.headers[AS_OF_TX] = str(basis)  # what an instant (or no as_of) was read as
+        return response
 
 
 _PARAMS_ERROR = re.compile(r"Values were not provided|\bparameters?\b|Python (integer|Conversion)|"

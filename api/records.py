@@ -70,13 +70,19 @@ def parse_position(text: str, what: str) -> tuple[int, int]:
     return int(m[1]), 2**31 if m[2] is None else int(m[2])
 
 
-def time_param(text: str | None, what: str) -> int | datetime | None:
-    """A tx number (ASCII digits) or an ISO-8601 instant with its offset; 400 naming `what`."""
+def time_param(text: str | None, what: str, *, head: int | None = None) -> int | datetime | None:
+    """A tx number (ASCII digits) or an ISO-8601 instant with its offset; 400 naming `what`.
+    With `head` (the latest tx) a later tx number is refused: a point in time that names a tx
+    not written yet would answer differently once it is (an instant is read as of the last tx
+    committed by then, so a future instant reads as of the latest)."""
     if text is None or text == "":
         return None
     if text.isascii() and text.isdigit():
         if len(text) > 18:
             raise bad_request(f"{what}: tx {text[:24]}... is out of range", field=what, kind="invalid-time")
+        if head is not None and int(text) > head:
+            raise bad_request(f"{what}: tx {int(text)} is not in the ledger yet (the latest is {head})",
+                              field=what, kind="invalid-time")
         return int(text)
     if text.startswith("-") and text[1:].isascii() and text[1:].isdigit():
         raise bad_request(f"{what}: a tx number is at least 0, got {text}", field=what, kind="invalid-time")
@@ -116,7 +122,7 @@ def list_records(
     if high is not None:
         where.append("tx <= $until")
         params["until"] = ledger.resolve(high)
-    pinned = time_param(as_of, "as_of")
+    pinned = time_param(as_of, "as_of", head=ledger.head.tx)
     if pinned is None:
         pinned = upto
     rows = ledger.sql(

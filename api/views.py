@@ -98,9 +98,10 @@ class ViewController(Controller):
         fmt = result_format(request)
         if not 1 <= limit <= MAX_ROWS:
             raise bad_request(f"limit must be an integer between 1 and {MAX_ROWS}", field="limit")
+        at = time_param(as_of, "as_of", head=services.ledger.head.tx)
         try:
             table = await asyncio.to_thread(
-                views.rows, services.ledger, name, as_of=time_param(as_of, "as_of"),
+                views.rows, services.ledger, name, as_of=at,
                 valid_at=instant_param(valid_at, "valid_at"), definition=_definition_param(definition),
                 limit=limit,
             )
@@ -133,10 +134,10 @@ class ViewController(Controller):
         after it was dropped) the view reads as empty; a name that is a view at neither point, nor
         now, is 404."""
         lg = services.ledger
-        start = time_param(since, "from")
+        start = time_param(since, "from", head=lg.head.tx)
         if start is None:
             raise bad_request("'from' is required (a tx number or an instant)", field="from")
-        end = time_param(until, "to")
+        end = time_param(until, "to", head=lg.head.tx)
         try:
             added, removed = await asyncio.to_thread(
                 views.changes, lg, name, since=start, until=end, definition=_definition_param(definition),
@@ -169,10 +170,11 @@ async def export(services: Services, as_of: str | None = None, tables: str | Non
     and the ledger digest at that tx), readable by plain DuckDB after unzip. Each table's query
     runs under the query time limit; the zip is spooled to a temporary file, not held in memory."""
     wanted = [t.strip() for t in tables.split(",") if t.strip()] if tables else None
+    at = time_param(as_of, "as_of", head=services.ledger.head.tx)
     spool = tempfile.TemporaryFile()
     try:
         manifest = await asyncio.to_thread(
-            export_zip, services.ledger, spool, as_of=time_param(as_of, "as_of"), tables=wanted,
+            export_zip, services.ledger, spool, as_of=at, tables=wanted,
             timeout=DEFAULT_TIMEOUT,
         )
         size = spool.seek(0, os.SEEK_END)

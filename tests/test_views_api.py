@@ -164,3 +164,30 @@ def test_other_error_shapes(server: Server) -> None:
     assert_problem(httpx.get(f"{server.url}/views/shapes/rows", params={"limit": 0}), 400, field="limit")
     assert_problem(httpx.get(f"{server.url}/views/shapes/rows", params={"as_of": "yesterday"}), 400)
     assert_problem(httpx.get(f"{server.url}/export", params={"tables": "nope"}), 400, field="tables")
+
+
+def test_a_tx_not_written_yet_is_refused_wherever_a_point_in_time_is_asked(server: Server) -> None:
+    """`as_of=<head + 1>` read as of the head, and answered differently once that tx was written
+    (found by audit); an instant past the head is read as of the head, and the header says so."""
+    t = note(server, "now")
+    assert put_view(server, "later", "SELECT 1 AS x").status_code in (200, 201)
+    r = httpx.post(server.url + "/query", json={"sql": "SELECT max(tx) AS t FROM transactions"})
+    head = r.json()["rows"][0][0]
+    assert r.headers["ledger-as-of-tx"] == str(head) and head > t
+    future = str(head + 1)
+    for path, params in [("/entities/x", {"as_of": future}), ("/commands", {"as_of": future}),
+                         ("/events", {"as_of": future}), ("/views/later/rows", {"as_of": future}),
+                         ("/views/later/changes", {"from": "0", "to": future}),
+                         ("/views/later/changes", {"from": future}), ("/export", {"as_of": future})]:
+        field = "as_of" if "as_of" in params else ("to" if "to" in params else "from")
+        problem = assert_problem(httpx.get(server.url + path, params=params), 400, field=field)
+        assert f"tx {future} is not in the ledger yet (the latest is {head})" in problem["detail"], path
+    for as_of in (head + 1, future):
+        assert_problem(httpx.post(server.url + "/query", json={"sql": "SELECT 1", "as_of": as_of}), 400,
+                       field="as_of")
+    at_head = httpx.post(server.url + "/query", json={"sql": "SELECT count(*) FROM log", "as_of": head})
+    assert at_head.status_code == 200 and at_head.headers["ledger-as-of-tx"] == str(head)
+    later = httpx.post(server.url + "/query", json={"sql": "SELECT 1", "as_of": "2999-01-01T00:00:00Z"})
+    assert later.status_code == 200 and later.headers["ledger-as-of-tx"] == str(head)
+    first = httpx.post(server.url + "/query", json={"sql": "SELECT 1", "as_of": "2000-01-01T00:00:00Z"})
+    assert first.headers["ledger-as-of-tx"] == "0"
