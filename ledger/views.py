@@ -371,12 +371,35 @@ def define_view(lg: Ledger, name: str, sql: str, description: str = "") -> tuple
         raise InvalidQuery("a view must be a SELECT")
     current = definitions(lg)
     candidate = ViewVersion(name, sql, description, lg.head.tx + 1, datetime.now(UTC))
-    with _using({**current, name: candidate}):
-        lg.db().sql(f"SELECT * FROM ({sql}\n) LIMIT 0", timeout=DEFAULT_TIMEOUT)  # \n: after a -- comment
+    defs = {**current, name: candidate}
+    with _using(defs):
+        try:
+            lg.db().sql(f"SELECT * FROM ({sql}\n) LIMIT 0", timeout=DEFAULT_TIMEOUT)  # \n: after a -- comment
+        except LedgerError:
+            if (loop := _cycle(defs, name)) is not None:
+                raise InvalidQuery(f"view {name!r} would depend on itself: {' -> '.join(loop)}") from None
+            raise
     lg.append([{"kind": "event", "action": DEFINED,
                 "data": {"name": name, "sql": sql, "description": description}}],
               meta={"view": name})
     return definition(lg, name), name not in current
+
+
+def _cycle(defs: Mapping[str, ViewVersion], name: str) -> list[str] | None:
+    """A path of views from `name` back to itself, each mentioning the next (the first found), or None."""
+    seen: set[str] = set()
+
+    def walk(path: list[str]) -> list[str] | None:
+        for dep in sorted(_idents(defs[path[-1]].sql) & defs.keys()):
+            if dep == name:
+                return [*path, dep]
+            if dep not in seen:
+                seen.add(dep)
+                if (found := walk([*path, dep])) is not None:
+                    return found
+        return None
+
+    return walk([name])
 
 
 def drop_view(lg: Ledger, name: str) -> ViewVersion:

@@ -155,13 +155,16 @@ def test_dry_run_refuses_bad_definitions(
     assert lg.head.tx == before  # nothing was recorded
 
 
-def test_a_cycle_is_refused_by_the_dry_run(lg: Ledger) -> None:
+def test_a_cycle_is_refused_naming_its_loop(lg: Ledger) -> None:
     v.define_view(lg, "a", "SELECT 1 AS x")
     v.define_view(lg, "b", "SELECT * FROM a")
-    with pytest.raises(InvalidQuery):
-        v.define_view(lg, "a", "SELECT * FROM b")
-    with pytest.raises(InvalidQuery):
+    v.define_view(lg, "d", "SELECT * FROM b")
+    with pytest.raises(InvalidQuery, match=r"view 'a' would depend on itself: a -> b -> a$"):
+        v.define_view(lg, "a", "SELECT * FROM d JOIN b USING (x)")
+    with pytest.raises(InvalidQuery, match=r"view 'c' would depend on itself: c -> c$"):
         v.define_view(lg, "c", "SELECT * FROM c")
+    v.define_view(lg, "a", "SELECT 2 AS x")  # a view named in no loop still redefines
+    assert lg.sql("SELECT * FROM d").to_pylist() == [{"x": 2}]
 
 
 def test_view_records_from_kafka_define_nothing(lg: Ledger) -> None:
