@@ -3,6 +3,7 @@ out immutable Database values for reads."""
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import logging
@@ -161,6 +162,17 @@ def _insert(
 # would make two writers (two heads, the same tx numbers) out of one.
 _WRITERS: weakref.WeakValueDictionary[Path, Ledger] = weakref.WeakValueDictionary()
 _WRITERS_LOCK = threading.Lock()  # held while a writer opens
+
+
+@atexit.register
+def _close_writers() -> None:
+    """Close the writers left open at exit: a seal under way on its (daemon) thread finishes first.
+    Left running into the interpreter's finalization, it aborted the process (SIGABRT)."""
+    for lg in list(_WRITERS.values()):
+        try:
+            lg.close()
+        except Exception:
+            log.exception("closing %s at exit", lg.root)
 
 
 def _lock_holder(error: duckdb.Error) -> str:

@@ -206,3 +206,27 @@ def test_sigkill_never_loses_or_tears_a_transaction(tmp_path: Path) -> None:
         check_ledger(root, acks, why)
     total += len(acks)
     assert total > 100, f"only {total} acknowledged transactions; the kills proved little"
+
+
+EXIT_WITHOUT_CLOSE = """
+import sys
+from ledger import Ledger
+lg = Ledger.open(sys.argv[1], seal_every=500)
+for i in range(4):
+    lg.append([{"kind": "event", "action": "set", "data": {"id": f"e{j % 50}", "n": j}}
+               for j in range(i * 400, (i + 1) * 400)])
+"""  # a seal starts on its own thread at the second append; the script ends without close()
+
+
+def test_a_process_that_exits_without_closing_its_ledger_exits_cleanly(tmp_path: Path) -> None:
+    """A seal still running when the interpreter finalized aborted the process (exit 134,
+    "terminate called after throwing"); open writers are now closed at exit, the seal finished."""
+    for run in range(3):
+        done = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_CLOSE, str(tmp_path / f"d{run}")],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert done.returncode == 0, done.stderr[-2000:]
+        with Ledger.open(tmp_path / f"d{run}") as lg:
+            assert lg.verify().ok
+            assert lg.sql("SELECT count(*) AS n FROM log").to_pylist() == [{"n": 1600}]
+            assert lg.info()["segments"] >= 1

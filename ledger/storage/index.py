@@ -145,7 +145,10 @@ class EntityIndex:
 
     def close(self) -> None:
         self.abort()
-        self._worker.submit(self._write.close).result()
+        try:
+            self._worker.submit(self._write.close).result()
+        except RuntimeError:  # the interpreter is exiting: its worker threads have stopped
+            self._write.close()
         self._worker.shutdown()
         with self._lock:
             for con in self._readers:
