@@ -10,6 +10,7 @@ redelivered message is recognised as a duplicate. Kafka's own commit is advisory
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import heapq
 import json
@@ -29,6 +30,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from ledger.errors import InvalidRecord, LedgerError
 from ledger.fetching import FetchWait, unless_stopped
+from ledger.kafka_raw import UnparsedRecord, find_unparsable
 from ledger.records import MAX_DEPTH, OffsetMark, Quarantined, json_type, validate
 
 if TYPE_CHECKING:
@@ -69,6 +71,10 @@ _CONNECTION_OPTIONS = frozenset({
 def connection_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The settings of `options` a producer needs as much as the consumer (see _CONNECTION_OPTIONS)."""
     return {k: v for k, v in options.items() if k in _CONNECTION_OPTIONS}
+
+
+# ...and those only Python can give (kafka_options=), for the consumer's own short-lived client.
+_CLIENT_OPTIONS = _CONNECTION_OPTIONS | {"ssl_context", "sasl_oauth_token_provider", "request_timeout_ms"}
 
 
 def kafka_options_from_env() -> dict[str, Any]:
@@ -200,6 +206,8 @@ def decode(
 
     `check=False` skips the record validation that Ledger.append() repeats anyway (the envelope
     checks still run); the caller must then quarantine what append() refuses (see Consumer)."""
+    if isinstance(msg, UnparsedRecord):
+        return _rejected(msg, msg.reason)
     headers, broker_time = _headers(msg), _broker_time(msg)
 
     def reject(reason: str) -> Quarantined:
@@ -300,6 +308,10 @@ class Consumer:
         # exist: those did not fit in that fetch, and the next batch from there is taken.
         self._checked: dict[tuple[str, int], int] = {}
         self._short_log: dict[tuple[str, int], float] = {}  # tp -> since when highwater < next_offset
+        # tp -> (next_offset, digest) after the record batch aiokafka cannot parse, and the offset
+        # after that batch: once it is stored, the next fetch starts there (see _fetch_to_unparsed)
+        self._unparsed: dict[tuple[str, int], tuple[tuple[int, str | None], int]] = {}
+        self._fetch_bytes = 0  # max_partition_fetch_bytes, set by run()
         self.assigned_event = asyncio.Event()
         # A rebalance can run (in aiokafka's coordinator task) while a batch is being appended, or
         # between getmany() returning and the batch being appended. The lock keeps the assignment
@@ -336,7 +348,7 @@ class Consumer:
             self._reread_last(kafka, tp)
         self.assigned_event.set()
 
-    def _reread_last(self, kafka: AIOKafkaConsumer, tp: TopicPartition) -> None:
+    def _reread_last(self, kafka: AIOKafkaConsumer, tp: TopicPartition) -> int:
         """Position `tp` at the last message stored (or at 0 if none), so the next fetch starts
         with it: only records that come in the same fetch response as an unchanged copy of that
         message are known to continue the same log. Otherwise a broker that lost the topic and
@@ -345,12 +357,21 @@ class Consumer:
         key = (tp.topic, tp.partition)
         mark = self._marks.get(key, OffsetMark(0))
         self._checked.pop(key, None)
+        unparsed = self._unparsed.get(key)
+        if unparsed is not None and unparsed[0] == (mark.next_offset, mark.last_digest):
+            # Fetching it to compare would fail again: the next batch continues the log from after
+            # it uncompared (as one after a stored message that came alone, see _check_generation).
+            self._probing.pop(key, None)
+            self._checked[key] = mark.next_offset
+            _seek(kafka, tp, unparsed[1])
+            return unparsed[1]
         if mark.next_offset > 0 and mark.last_digest is not None:
             self._probing[key] = mark.next_offset - 1
             _seek(kafka, tp, mark.next_offset - 1)
-        else:
-            self._probing.pop(key, None)
-            _seek(kafka, tp, mark.next_offset)
+            return mark.next_offset - 1
+        self._probing.pop(key, None)
+        _seek(kafka, tp, mark.next_offset)
+        return mark.next_offset
 
     def _new_generation(self, kafka: AIOKafkaConsumer, tp: TopicPartition, reason: str) -> None:
         key = (tp.topic, tp.partition)
@@ -373,6 +394,7 @@ class Consumer:
             "fetch_max_wait_ms": self.fetch_max_wait_ms, "max_partition_fetch_bytes": 4 << 20,
             "metadata_max_age_ms": 5_000, **self.kafka_options,
         }
+        self._fetch_bytes = settings["max_partition_fetch_bytes"]
         kafka = AIOKafkaConsumer(  # topics go to subscribe() below, with the rebalance listener
             bootstrap_servers=self.bootstrap,
             group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest", **settings,
@@ -455,8 +477,51 @@ class Consumer:
     async def _fetch(
         self, kafka: AIOKafkaConsumer
     ) -> tuple[int, dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]:
-        batch = await kafka.getmany(timeout_ms=200, max_records=self.max_batch)
+        try:
+            batch = await kafka.getmany(timeout_ms=200, max_records=self.max_batch)
+        except UnicodeDecodeError as e:  # a header name that is not UTF-8 (see kafka_raw)
+            batch = await self._fetch_to_unparsed(kafka, e)
         return self._epoch, batch  # the assignment the batch was fetched under
+
+    async def _fetch_to_unparsed(
+        self, kafka: AIOKafkaConsumer, error: UnicodeDecodeError
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """The batch of the partition getmany() failed on: aiokafka's records up to the record
+        batch it cannot parse, and that one's records read raw (see kafka_raw; decode() quarantines
+        the bad ones). Only aiokafka's records when they are more than a batch, or did not all come.
+
+        The records getmany() had taken from other partitions are lost with the exception: every
+        partition goes back to the ledger's offsets first, as after an append."""
+        positions = {tp: self._reread_last(kafka, tp) for tp in sorted(kafka.assignment())}
+        client_options = {k: v for k, v in self.kafka_options.items() if k in _CLIENT_OPTIONS}
+        for tp, offset in positions.items():
+            found = await find_unparsable(self.bootstrap, client_options, tp, offset, self._fetch_bytes)
+            if found is not None:
+                break
+        else:
+            raise error  # not the record we know how to read past: stop, as before
+        key = (tp.topic, tp.partition)
+        mark = self._marks.get(key, OffsetMark(0))
+        last = found.records[-1] if found.records else None
+        stored_after = (mark.next_offset, mark.last_digest) if last is None else (
+            last.offset + 1, message_digest(last))
+        self._unparsed[key] = (stored_after, found.end)
+        if stored_after == (mark.next_offset, mark.last_digest) and not found.before:
+            self._reread_last(kafka, tp)  # all stored already (before a restart): go on after it
+            return {}  # (and come back here if getmany() fails further on)
+        want = found.before[:self.max_batch]
+        msgs: list[ConsumerRecord[bytes, bytes]] = []
+        deadline = time.monotonic() + 10
+        while len(msgs) < len(want) and time.monotonic() < deadline and tp in kafka.assignment():
+            got = await kafka.getmany(tp, timeout_ms=200, max_records=len(want) - len(msgs))
+            msgs.extend(got.get(tp, ()))
+        if [m.offset for m in msgs] == found.before:
+            for m in found.records:
+                if isinstance(m, UnparsedRecord):
+                    log.warning("%s/%s: quarantining the record at offset %s: %s",
+                                tp.topic, tp.partition, m.offset, m.reason)
+            msgs.extend(found.records)
+        return {tp: msgs} if msgs else {}  # else: getmany() fails on it again, and we come back
 
     async def _ingest(
         self, kafka: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
@@ -689,7 +754,10 @@ async def partition_lag(
             kafka.seek(tp, max(0, marks[(tp.topic, tp.partition)].next_offset - 1))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(kafka.highwater(tp) is None for tp in tps):
-            await kafka.getmany(timeout_ms=100, max_records=1)
+            # A record aiokafka cannot parse (see kafka_raw) fails getmany() after its fetch
+            # response brought the highwater.
+            with contextlib.suppress(UnicodeDecodeError):
+                await kafka.getmany(timeout_ms=100, max_records=1)
         rows = []
         for tp in sorted(tps):
             hw = kafka.highwater(tp)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -332,6 +335,111 @@ async def test_odd_but_valid_kafka_messages_do_not_stop_ingestion(broker: Broker
     assert rows[2]["key"] is None
     assert ledger.sql("SELECT count(*) AS n FROM quarantine").to_pylist() == [{"n": 0}]
     assert ledger.verify().ok
+
+
+# A header name whose bytes are not UTF-8 (aiokafka's pure-Python encoder asks the str for them).
+# aiokafka's consumer cannot parse such a record: getmany() raises UnicodeDecodeError at it.
+PRODUCE_BAD_HEADER_NAME = """
+import asyncio, json, sys
+from aiokafka import AIOKafkaProducer
+class Name(str):
+    def encode(self, *args, **kwargs):
+        return b"\\xff\\xfe"
+async def main(bootstrap, topic, values, bad):
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=200)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, v.encode(), key=b"key-%d" % i, partition=0,
+                                    headers=[(Name("h") if i in bad else "h", b"v")])
+                for i, v in enumerate(values)]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+asyncio.run(main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])))
+"""
+
+
+def produce_bad_header_names(bootstrap: str, topic: str, values: Sequence[bytes], bad: Sequence[int]) -> None:
+    """Send `values` (as one batch) to partition 0, keys key-0.., those at the indexes `bad` with a
+    header name that is not UTF-8, the others with the header ("h", b"v")."""
+    subprocess.run([sys.executable, "-c", PRODUCE_BAD_HEADER_NAME, bootstrap, topic,
+                    json.dumps([v.decode() for v in values]), json.dumps(list(bad))],
+                   check=True, timeout=60, env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"})
+
+
+async def test_a_header_name_that_is_not_utf8_is_quarantined_and_ingestion_goes_on(
+    broker: Broker, ledger: Ledger,
+) -> None:
+    """aiokafka decodes header names strictly: getmany() raised at such a record on every fetch, and
+    the consumer failed at every restart. Its record batch is read raw now, the bad record
+    quarantined with the batch's other records, and aiokafka parses all the other batches."""
+    topic, group = "bad-header-name", "bad-header"
+    await create_topics_async(broker.bootstrap, {topic: 1})
+    await produce(broker.bootstrap, topic, [env(data={"n": n}) for n in range(2)])  # a batch of its own
+    await asyncio.to_thread(produce_bad_header_names, broker.bootstrap, topic,
+                            [env(data={"n": n}) for n in range(2, 7)], [0, 3])  # offsets 2 and 5
+    async with running(consumer_of(ledger, broker, topic, group=group)):
+        await eventually(lambda: count(ledger) == 5, 30, "the good records around the bad ones")
+        # The last stored record is in a batch aiokafka cannot parse when the consumer stops.
+        await asyncio.to_thread(produce_bad_header_names, broker.bootstrap, topic,
+                                [env(data={"n": 7}), env(data={"n": 8})], [1])
+        await eventually(lambda: ledger.offsets(group)[(topic, 0)].next_offset == 9, 30, "the third batch")
+    async with running(consumer_of(ledger, broker, topic, group=group)) as again:
+        await produce(broker.bootstrap, topic, [env(data={"n": 9})])
+        await eventually(lambda: count(ledger) == 7, 30, "a record produced after the restart")
+        assert again.status.quarantined == 0 and again.status.records == 1
+    rows = ledger.sql("SELECT * FROM quarantine ORDER BY kafka_offset").to_pylist()
+    assert [(r["kafka_topic"], r["kafka_partition"], r["kafka_offset"]) for r in rows] == [
+        (topic, 0, 2), (topic, 0, 5), (topic, 0, 8)]
+    for r, key in zip(rows, [b"key-0", b"key-3", b"key-1"], strict=True):
+        assert r["reason"] == "header name b'\\xff\\xfe' is not UTF-8"
+        assert (r["key"], r["value"]) == (key, env(data={"n": r["kafka_offset"]}))  # the raw bytes
+        assert json.loads(r["headers"]) == [["\\xff\\xfe", "v"]] and r["kafka_timestamp"] is not None
+    good = ledger.sql("SELECT kafka_offset AS o, data->>'n' AS n, headers, tx FROM log ORDER BY o"
+                      ).to_pylist()
+    assert [(r["o"], r["n"]) for r in good] == [(o, str(o)) for o in (0, 1, 3, 4, 6, 7, 9)]
+    assert [json.loads(r["headers"]) for r in good[2:6]] == [[["h", "v"]]] * 4  # read raw, the same
+    # Each bad record commits with the records fetched with it, and each record is stored once.
+    txs = {r["kafka_offset"]: r["tx"] for r in rows} | {r["o"]: r["tx"] for r in good}
+    assert len({txs[o] for o in range(7)}) == 1 and txs[7] == txs[8] != txs[9]
+    assert ledger.offsets(group)[(topic, 0)].next_offset == 10
+    assert ledger.verify().ok
+
+
+@pytest.mark.parametrize("codec", ["none", "gzip", "snappy", "lz4", "zstd"])
+def test_the_raw_reader_reads_a_batch_as_aiokafka_would(codec: str) -> None:
+    """kafka_raw's parser against aiokafka's own on the same batch, the bad header name aside."""
+    from aiokafka.record.default_records import DefaultRecordBatch, _DefaultRecordBatchBuilderPy
+    from aiokafka.structs import TopicPartition
+
+    from ledger.kafka_raw import UnparsedRecord, first_unparsable
+
+    class Name(str):
+        def encode(self, *args: Any, **kwargs: Any) -> bytes:
+            return b"\xff\xfe"
+
+    def batch(name: str) -> bytes:  # aiokafka's pure-Python builder asks the str for its bytes
+        builder = _DefaultRecordBatchBuilderPy(2, ["none", "gzip", "snappy", "lz4", "zstd"].index(codec),
+                                               0, -1, -1, -1, 1 << 20)
+        builder.append(0, 1_700_000_000_000, b"k", b"v0", [("h", b"x"), ("n", None)])
+        builder.append(1, 1_700_000_000_009, None, None, [(name, b"y")])
+        builder.append(2, 1_700_000_000_004, b"", b"v2", [])
+        return bytes(builder.build())
+
+    def fields(r: Any) -> tuple[Any, ...]:
+        return r.offset, r.timestamp, r.timestamp_type, r.key, r.value, [tuple(h) for h in r.headers]
+
+    bad, good = batch(Name("h")), batch("h")
+    with pytest.raises(UnicodeDecodeError):
+        list(DefaultRecordBatch(bad))
+    tp = TopicPartition("t", 0)
+    assert first_unparsable(good + good, tp, 0) is None
+    found = first_unparsable(good + bad, tp, 1)  # (two batches at the same offsets: fine here)
+    assert found is not None and found.before == [1, 2] and found.end == 3
+    expected = [fields(r) for r in DefaultRecordBatch(good)][1:]  # from offset 1 on
+    expected[0][5][0] = ("\\xff\\xfe", b"y")
+    assert [fields(r) for r in found.records] == expected
+    assert [type(r) is UnparsedRecord for r in found.records] == [True, False]
 
 
 async def test_a_message_reusing_a_stored_id_for_other_content_is_quarantined(
