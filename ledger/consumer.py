@@ -545,6 +545,14 @@ class Consumer:
                 return
             if not work:
                 return
+            for tp, msgs, _ in work:
+                key = (tp.topic, tp.partition)
+                if key not in self._unparsed:  # (else: _reread_last, after the append)
+                    # The next batch must start with this one's last message, the one about to be
+                    # stored (see _reread_last): asked for now, it is fetched during the append.
+                    self._checked.pop(key, None)
+                    self._probing[key] = msgs[-1].offset
+                    _seek(kafka, tp, msgs[-1].offset)
             # Decoding is CPU work: with the append, off the event loop (heartbeats, the API).
             assert self._appender is not None, "run() starts the appender"
             loop = asyncio.get_running_loop()
@@ -554,8 +562,8 @@ class Consumer:
                 st = self.status.assigned.get(f"{topic}/{partition}")
                 if st is not None:
                     st.next_offset, st.generation = mark.next_offset, mark.generation
-                # The next batch must come with the message just stored (drops the prefetch).
-                self._reread_last(kafka, TopicPartition(topic, partition))
+                if (topic, partition) in self._unparsed:
+                    self._reread_last(kafka, TopicPartition(topic, partition))
             s = self.status
             s.records += len(report.ids)
             s.duplicates += len(report.duplicates)
