@@ -144,6 +144,8 @@ class ViewController(Controller):
             )
         except UnknownView as e:
             raise not_found(f"view {name!r}") from e
+        except InvalidQuery as e:  # the view's columns changed between the two points
+            raise bad_request(str(e), field="definition", kind="invalid-query") from e
         except InvalidTime as e:  # the only one left once both points parsed: `from` after `to`
             raise bad_request(f"'from' ({since}) is after 'to' ({until})", field="from",
                               kind="invalid-time") from e

@@ -191,3 +191,14 @@ def test_a_tx_not_written_yet_is_refused_wherever_a_point_in_time_is_asked(serve
     assert later.status_code == 200 and later.headers["ledger-as-of-tx"] == str(head)
     first = httpx.post(server.url + "/query", json={"sql": "SELECT 1", "as_of": "2000-01-01T00:00:00Z"})
     assert first.headers["ledger-as-of-tx"] == "0"
+
+
+def test_changes_across_a_change_of_columns_name_the_definition(server: Server) -> None:
+    first = put_view(server, "shifting", "SELECT 1 AS a")
+    assert first.status_code == 201
+    assert put_view(server, "shifting", "SELECT 2 AS b").status_code == 200
+    r = httpx.get(f"{server.url}/views/shifting/changes", params={"from": first.json()["tx"]})
+    assert "definition=current" in assert_problem(r, 400, field="definition")["detail"]
+    current = httpx.get(f"{server.url}/views/shifting/changes",
+                        params={"from": first.json()["tx"], "definition": "current"})
+    assert current.status_code == 200 and current.json()["added"] == []
