@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from litestar import Controller, Request, Response, get, post
@@ -126,6 +127,9 @@ def _encoded(table: pa.Table, accept: str) -> Response[Any]:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         return Response(buf.getvalue(), media_type="application/vnd.apache.parquet")
+    for name, col in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_floating(col.type) and pc.any(pc.invert(pc.is_finite(col))).as_py():
+            raise ValueError(f"column {name!r} holds NaN or infinity, which JSON cannot hold")
     # JSON columns (data, state, ...) go out as JSON values, not as text holding JSON.
     is_json = [(f.metadata or {}).get(b"duckdb_type") == b"JSON" for f in table.schema]
     columns = [{"name": f.name, "type": "json" if j else str(f.type)}

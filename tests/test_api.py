@@ -428,7 +428,10 @@ def test_temporal_reads_over_http(server: Server) -> None:
     # A type a format cannot hold: 400 naming the format, not 500 (found by audit).
     for sql, accept in [("SELECT [1, 2] AS l", "text/csv"), ("SELECT {'a': 1} AS s", "text/csv"),
                         ("SELECT INTERVAL 1 DAY AS d", "application/vnd.apache.parquet"),
-                        ("SELECT 'infinity'::TIMESTAMPTZ AS t", "application/json")]:
+                        ("SELECT 'infinity'::TIMESTAMPTZ AS t", "application/json"),
+                        # NaN and infinity went out as null, like SQL NULL (found by audit):
+                        ("SELECT x FROM (VALUES (1.5), ('nan'::DOUBLE)) t(x)", "application/json"),
+                        ("SELECT '-inf'::FLOAT AS f", "application/json")]:
         resp = httpx.post(server.url + "/query", json={"sql": sql}, headers={"accept": accept})
         assert accept in assert_problem(resp, 400, field="accept")["detail"], sql
     tx = httpx.get(server.url + "/tx/1").json()
