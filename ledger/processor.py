@@ -53,6 +53,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from ledger.consumer import connection_options, kafka_options_from_env
 from ledger.fetching import FetchWait, unless_stopped
+from ledger.kafka_raw import UnparsedRecord, find_unparsable
 from ledger.records import validate
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ BATCH_HEADER = "commander-batch"
 # Key + value + headers of one event: under Kafka's default 1 MiB message and request limits.
 MAX_EVENT_BYTES = 1_000_000
 _REPLAY_BATCH = 5_000
+_FETCH_BYTES = 4 << 20  # max_partition_fetch_bytes of its consumers
 
 
 @dataclass(frozen=True)
@@ -309,7 +311,7 @@ class Processor(Generic[S]):
         kafka = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_wait_ms=self.fetch_max_wait_ms,
-            max_partition_fetch_bytes=4 << 20, **self.kafka_options,
+            max_partition_fetch_bytes=_FETCH_BYTES, **self.kafka_options,
         )
         try:
             await kafka.start()
@@ -321,13 +323,18 @@ class Processor(Generic[S]):
             # of startup.  (end_offsets() is wrong on Tansu; highwater comes with every fetch.)
             target: dict[TopicPartition, int] = {}
             remaining = set(tps)
+            resume: dict[TopicPartition, int | None] = dict.fromkeys(tps)  # after what was folded
             while remaining:
                 if stop.is_set():
                     return
-                batch = await kafka.getmany(timeout_ms=200, max_records=_REPLAY_BATCH)
-                for msgs in batch.values():
+                try:
+                    batch = await kafka.getmany(timeout_ms=200, max_records=_REPLAY_BATCH)
+                except UnicodeDecodeError as e:
+                    batch = await self._past_unparsable(kafka, resume, e)
+                for tp, msgs in batch.items():
                     for msg in msgs:
                         self._replay_message(msg, seen, partial)
+                    resume[tp] = msgs[-1].offset + 1 if msgs else resume[tp]
                 for tp in list(remaining):
                     hw = kafka.highwater(tp)
                     if hw is not None and await kafka.position(tp) >= target.setdefault(tp, hw):
@@ -404,7 +411,7 @@ class Processor(Generic[S]):
         kafka = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_wait_ms=self.fetch_max_wait_ms,
-            max_partition_fetch_bytes=4 << 20, **self.kafka_options,
+            max_partition_fetch_bytes=_FETCH_BYTES, **self.kafka_options,
         )
         try:
             await kafka.start()
@@ -427,9 +434,7 @@ class Processor(Generic[S]):
             waiting = FetchWait(kafka, self.fetch_max_wait_ms)
             try:
                 while not stop.is_set():
-                    done, batch = await unless_stopped(
-                        kafka.getmany(timeout_ms=200, max_records=self.max_batch), stopper
-                    )
+                    done, batch = await unless_stopped(self._fetch(kafka), stopper)
                     if not done or batch is None:
                         break
                     if batch:
@@ -439,6 +444,49 @@ class Processor(Generic[S]):
                 stopper.cancel()
         finally:
             await kafka.stop()
+
+    async def _fetch(
+        self, kafka: AIOKafkaConsumer
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        try:
+            batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = await kafka.getmany(
+                timeout_ms=200, max_records=self.max_batch)
+            return batch
+        except UnicodeDecodeError as e:  # back to the committed offsets: redelivery is harmless
+            return await self._past_unparsable(
+                kafka, {tp: await kafka.committed(tp) for tp in kafka.assignment()}, e)
+
+    async def _past_unparsable(
+        self, kafka: AIOKafkaConsumer, resume: Mapping[TopicPartition, int | None], error: UnicodeDecodeError,
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """The next records after getmany() raised on a record aiokafka cannot parse (a header name
+        that is not UTF-8, see ledger.kafka_raw), having lost what it took from other partitions:
+        each partition goes back to `resume` (None: its start); then aiokafka's records before the
+        batch that holds the bad record, or that batch read raw, its bad records left out as
+        malformed (the ledger quarantines them)."""
+        for tp, offset in resume.items():
+            if offset is None:
+                await kafka.seek_to_beginning(tp)
+            else:
+                kafka.seek(tp, offset)
+        for tp in sorted(resume):
+            found = await find_unparsable(self.bootstrap, self.kafka_options, tp, await kafka.position(tp),
+                                          _FETCH_BYTES)
+            if found is None:
+                continue
+            if found.before:
+                before: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = await kafka.getmany(
+                    tp, timeout_ms=1000, max_records=len(found.before))
+                return before
+            good = [m for m in found.records if not isinstance(m, UnparsedRecord)]
+            for m in found.records:
+                if isinstance(m, UnparsedRecord):
+                    log.warning("%s: skipping %s/%s at offset %s: %s", self.name, tp.topic, tp.partition,
+                                m.offset, m.reason)
+                    self.status.malformed += 1
+            kafka.seek(tp, found.end)
+            return {tp: good} if good else {}
+        raise error  # not the record we know how to read past
 
     def _set_ready(self) -> None:
         if not self.ready.is_set():

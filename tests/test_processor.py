@@ -366,3 +366,29 @@ async def test_connection_settings_reach_the_processors_kafka_clients(kafka: Bro
     await asyncio.wait_for(bank.ready.wait(), 30)
     stop.set()
     await task
+
+
+async def test_a_record_aiokafka_cannot_parse_is_skipped_not_a_stall(kafka: Broker) -> None:
+    """A header name that is not UTF-8 made getmany() raise on every fetch: the processor failed
+    for ever at that command (or, in replay, at that event). Now it is skipped as malformed (the
+    ledger quarantines it), and the commands and events around it are handled."""
+    from tests.test_consumer import produce_bad_header_names
+
+    bs = kafka.bootstrap
+    commands, events = await fresh_topics(bs)
+    add = [command_envelope("add", {"counter": "c", "n": n}) for n in (1, 2, 100, 3, 4)]
+    await send(bs, commands, add[:1])
+    await asyncio.to_thread(produce_bad_header_names, bs, commands, add[1:4], [1])  # n=100 is bad
+    await send(bs, commands, add[4:])
+    p = counter(bs, commands, events)
+    await run_until(p, lambda: p.status.commands == 4)
+    assert p.status.malformed == 1 and p.state == {"c": 10}
+    assert [e["data"]["total"] for e in envelopes(await read_all(bs, events))] == [1, 3, 6, 10]
+
+    forged = json.dumps({"id": str(uuid.uuid4()), "action": "added",
+                         "data": {"id": "c", "n": 1, "total": 999}})
+    await asyncio.to_thread(produce_bad_header_names, bs, events, [forged.encode()], [0])
+    await send(bs, commands, [command_envelope("add", {"counter": "c", "n": 5})])
+    q = counter(bs, commands, events)
+    await run_until(q, lambda: q.status.commands == 1)
+    assert q.status.replayed == 4 and q.status.malformed == 1 and q.state == {"c": 15}
