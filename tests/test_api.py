@@ -42,7 +42,8 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60) -> Server:
+    def start(self, timeout: float = 60, *, ready: bool = True) -> Server:
+        """Start it and wait until /ready is 200 (`ready=False`: until it answers at all)."""
         self.port = free_port()
         self.log = (self.data_dir.parent / f"serve-{self.port}.log").open("wb")
         self.proc = subprocess.Popen(
@@ -54,7 +55,7 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.tail()
             try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                if httpx.get(self.url + ("/ready" if ready else "/health"), timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -469,6 +470,28 @@ def test_ready_notices_a_dead_broker_and_its_return(tmp_path: Path) -> None:
         broker = Broker(port=port).start()  # back on the same address (memory storage: empty)
         create_topics(broker.bootstrap, {"commands": 3, "events": 3})
         wait_for(lambda: httpx.get(srv.url + "/ready", timeout=10).json()["checks"]["broker"], 60)
+    finally:
+        srv.stop()
+        broker.stop()
+
+
+def test_ready_stays_not_ready_while_the_consumer_fails_at_every_restart(tmp_path: Path) -> None:
+    """A consumer that fails at once each time it is restarted was ready between failures: /ready
+    holds its consumer check false for a while after each failure, and says why."""
+    from ledger.broker import Broker, create_topics
+
+    broker = Broker().start()
+    create_topics(broker.bootstrap, {"commands": 1, "events": 1})
+    srv = Server(tmp_path / "data", "--bootstrap", broker.bootstrap,  # a setting aiokafka refuses
+                 env={"LEDGER_KAFKA_BOOTSTRAP": broker.bootstrap,
+                      "LEDGER_KAFKA_OPTIONS": '{"isolation_level": "sometimes"}'}).start(ready=False)
+    try:
+        r = wait_for(lambda: (r := httpx.get(srv.url + "/ready", timeout=10)).status_code == 503 and r, 30)
+        assert r.json()["checks"]["consumer"] is False and r.json()["checks"]["broker"] is True
+        assert "Incorrect isolation level" in r.json()["consumer"]["last_error"]
+        for _ in range(10):  # restarts every ~2 s
+            time.sleep(0.5)
+            assert httpx.get(srv.url + "/ready", timeout=10).status_code == 503
     finally:
         srv.stop()
         broker.stop()
