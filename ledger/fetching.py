@@ -5,7 +5,8 @@ Kafka answers a fetch as soon as data arrives, so the wait only bounds idle poll
 bundled Tansu) answer only when the wait expires, so a short wait is what keeps latency low — and they
 return nothing at all when reading a large partition takes longer than the wait, which would stall a
 consumer for ever. `FetchWait` starts short and doubles the wait whenever fetches come back empty
-while a partition still has unread records.
+while a partition still has unread records, and goes back to the short wait once the consumer has
+caught up (a wait left long would be the latency of every later record: 2 s on Tansu).
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ EMPTY_FETCHES_BEFORE_BACKOFF = 3
 class FetchWait:
     def __init__(self, kafka: Any, base_ms: int, cap_ms: int = 2_000) -> None:
         self._fetcher = getattr(kafka, "_fetcher", None)  # aiokafka reads this per fetch request
-        self.wait_ms = base_ms
+        self.base_ms = self.wait_ms = base_ms
         self.cap_ms = max(cap_ms, base_ms)
         self._empty = 0
 
     def observe(self, *, got_records: bool, lagging: bool) -> None:
         """Call after each poll: whether it returned records, and whether any partition lags."""
+        if not lagging and self.wait_ms > self.base_ms:
+            self._set(self.base_ms)
+            log.info("caught up; fetch_max_wait_ms is back to %s", self.wait_ms)
         if got_records or not lagging:
             self._empty = 0
             return
@@ -40,11 +44,13 @@ class FetchWait:
         if self._empty < EMPTY_FETCHES_BEFORE_BACKOFF or self.wait_ms >= self.cap_ms:
             return
         self._empty = 0
-        self.wait_ms = min(self.cap_ms, self.wait_ms * 2)
+        self._set(min(self.cap_ms, self.wait_ms * 2))
+        log.warning("fetches return nothing while records wait; fetch_max_wait_ms is now %s", self.wait_ms)
+
+    def _set(self, wait_ms: int) -> None:
+        self.wait_ms = wait_ms
         if self._fetcher is not None and hasattr(self._fetcher, "_fetch_max_wait_ms"):
-            self._fetcher._fetch_max_wait_ms = self.wait_ms
-            log.warning("fetches return nothing while records wait; fetch_max_wait_ms is now %s",
-                        self.wait_ms)
+            self._fetcher._fetch_max_wait_ms = wait_ms
 
 
 async def unless_stopped(work: Awaitable[T], stopper: asyncio.Future[Any]) -> tuple[bool, T | None]:

@@ -667,3 +667,32 @@ async def test_ingestion_goes_on_while_every_default_pool_thread_is_busy(
             gate.set()
             await busy
     assert count(ledger) == 20
+
+
+async def test_the_fetch_wait_backs_off_while_fetches_come_back_empty_and_returns_once_caught_up(
+    broker: Broker,
+) -> None:
+    """A wait backed off under load stayed at 2 s for good: on the bundled broker, which answers a
+    fetch when its wait ends, every later record took 2 s to arrive (found by audit)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from ledger.fetching import EMPTY_FETCHES_BEFORE_BACKOFF, FetchWait
+
+    await create_topics_async(broker.bootstrap, {"fetch-wait": 1})
+    kafka = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, fetch_max_wait_ms=5)
+    await kafka.start()
+    try:
+        kafka.assign([TopicPartition("fetch-wait", 0)])
+        await kafka.getmany(timeout_ms=50)  # (aiokafka fails to stop a consumer that never polled)
+        wait = FetchWait(kafka, 5, cap_ms=40)
+        applied = lambda: kafka._fetcher._fetch_max_wait_ms  # noqa: E731  (what aiokafka sends)
+        for expected in (10, 20, 40, 40):
+            for _ in range(EMPTY_FETCHES_BEFORE_BACKOFF):
+                wait.observe(got_records=False, lagging=True)
+            assert wait.wait_ms == applied() == expected
+        wait.observe(got_records=True, lagging=True)  # records, still behind: the wait stays
+        assert applied() == 40
+        wait.observe(got_records=True, lagging=False)  # caught up
+        assert wait.wait_ms == applied() == 5
+    finally:
+        await kafka.stop()
