@@ -85,7 +85,8 @@ _query_names: dict[int, tuple[frozenset[str], frozenset[str]]] = {}  # by id(rou
 async def _known_query(request: Request[Any, Any, Any]) -> None:
     """Refuse a query parameter the endpoint does not take, and a single-valued one given twice:
     both were ignored silently (/events?kind=command listed events; found by audit)."""
-    if not request.query_params or request.url.path.startswith("/schema"):
+    path = request.url.path
+    if not request.query_params or path == "/schema" or path.startswith("/schema/"):  # (OpenAPI's)
         return
     handler = request.route_handler
     if (known := _query_names.get(id(handler))) is None:

@@ -47,11 +47,14 @@ def _start(
     log), else with the records that arrive from now on."""
     if kind not in (None, "command", "event"):
         raise bad_request("kind must be 'command' or 'event'", field="kind")
-    if last_event_id:
-        return parse_position(last_event_id, "Last-Event-ID")
-    if after_tx:
-        return parse_position(after_tx, "after_tx")
-    return parse_position(str(services.notifier.tx), "after_tx")
+    what, given = ("Last-Event-ID", last_event_id) if last_event_id else ("after_tx", after_tx)
+    if not given:
+        return parse_position(str(services.notifier.tx), "after_tx")
+    after = parse_position(given, what)
+    if after[0] > (head := services.ledger.head.tx):  # (an id from another ledger, or a reset one)
+        raise bad_request(f"{what}: tx {after[0]} is not in the ledger yet (the latest is {head}); "
+                          "resuming after it would skip every record until then", field=what)
+    return after
 
 
 @get("/updates", tags=["updates"], responses={
@@ -89,6 +92,9 @@ async def ws_updates(
     """The same stream over a WebSocket: JSON text frames; resume with ?after_tx=TX.SEQ (or a
     Last-Event-ID header). Bad parameters: one problem+json frame, then close code 1008."""
     try:
+        if unknown := sorted(set(socket.query_params) - {"kind", "action", "after_tx"}):
+            raise bad_request(f"unknown query parameter {unknown[0]!r}; /updates takes action, after_tx, "
+                              "kind", field=unknown[0])
         after = _start(services, socket.headers.get("last-event-id"), after_tx, kind)
     except ProblemDetailsException as e:
         await socket.accept()

@@ -277,7 +277,7 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
                          ("/entities/x/history", {"until": "soon"}), ("/commands", {"since": "abc"}),
                          ("/events", {"as_of": "1e3"}), ("/tx", {"since": "x"}),
                          ("/views/nope/changes", {"from": "abc"}),
-                         ("/views/nope/changes", {"from": "1", "to": "z"}),
+                         ("/views/nope/changes", {"from": "0", "to": "z"}),
                          ("/updates", {"after_tx": "\uff13"}), ("/updates", {"after_tx": "9" * 5000}),
                          ("/events", {"as_of": "9" * 5000})]:
         field = next(iter(params)) if len(params) == 1 else "to"
@@ -292,11 +292,13 @@ def test_other_error_paths_share_the_problem_shape(server: Server) -> None:
     # (/events?kind=command listed events; found by audit).
     for path, params in [("/events", {"kind": "command"}), ("/entities/x/history", {"limit": "2"}),
                          ("/events", [("limit", "2"), ("limit", "3")]),
-                         ("/commands", [("as_of", "1"), ("as_of", "2")]), ("/tx/1", {"verbose": "1"})]:
+                         ("/commands", [("as_of", "1"), ("as_of", "2")]), ("/tx/1", {"verbose": "1"}),
+                         ("/schemas", {"x": "1"}), ("/schemas/deposit", {"x": "1"})]:
         resp = httpx.get(server.url + path, params=params)
         field = params[0][0] if isinstance(params, list) else next(iter(params))
         assert field in assert_problem(resp, 400, field=field)["detail"], (path, params)
     assert httpx.get(server.url + "/events", params=[("action", "a"), ("action", "b")]).status_code == 200
+    assert httpx.get(server.url + "/schema/openapi.json", params={"x": "1"}).status_code == 200
     # the service keeps serving after every one of those
     assert httpx.get(server.url + "/ready").status_code == 200
 
@@ -393,12 +395,18 @@ def test_sse_and_websocket_deliver_every_record_once_in_order_across_reconnects(
         assert json.loads(ws.recv(timeout=10))["data"]["i"] == 33
     with ws_connect(ws_url, additional_headers={"Last-Event-ID": resume}) as ws:  # the header resumes too
         assert json.loads(ws.recv(timeout=10))["data"]["i"] == 10
-    with ws_connect(ws_url + "&after_tx=" + "\u00e9" * 80) as ws:  # a bad position: a problem, then 1008
-        problem = json.loads(ws.recv(timeout=10))
-        assert problem["status"] == 400 and problem["field"] == "after_tx", problem
-        with pytest.raises(ConnectionClosed) as closed:
-            ws.recv(timeout=10)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    head = httpx.get(server.url + "/ready").json()["tx"]
+    for query, field in [("&after_tx=" + "\u00e9" * 80, "after_tx"),  # a bad position: a problem, then 1008
+                         (f"&after_tx={head + 1000}", "after_tx"),  # past the head: it would skip records
+                         ("&after=3", "after")]:  # unknown, as over HTTP
+        with ws_connect(ws_url + query) as ws:
+            problem = json.loads(ws.recv(timeout=10))
+            assert problem["status"] == 400 and problem["field"] == field, problem
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    past = httpx.get(url, headers={"Last-Event-ID": f"{head + 1000}.0"})
+    assert "not in the ledger yet" in assert_problem(past, 400, field="Last-Event-ID")["detail"]
 
 
 def test_temporal_reads_over_http(server: Server) -> None:
