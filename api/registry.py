@@ -12,6 +12,7 @@ from urllib.parse import unquote
 
 import jsonschema._keywords
 import jsonschema._utils
+import jsonschema.validators
 import re2
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
@@ -57,6 +58,13 @@ class _LinearRe:
 
 jsonschema._keywords.re = _LinearRe
 jsonschema._utils.re = _LinearRe
+
+# "integer" is a number written without a fraction or an exponent: JSON Schema lets 1.0 and 1e2 be
+# integers, and a processor that wants an integer (the bank's amounts) gets a float and refuses it,
+# after the API said 202 (found by audit).
+_Validator = jsonschema.validators.extend(Draft202012Validator, type_checker=(
+    Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))))
 
 
 def _subschemas(schema: object) -> Iterator[dict[str, Any]]:
@@ -326,7 +334,7 @@ class SchemaRegistry:
     def __init__(self, directory: Path, *, strict: bool = False, extra_dirs: tuple[Path, ...] = ()) -> None:
         self.directory = directory
         self.strict = strict
-        self._validators: dict[str, Draft202012Validator] = {}
+        self._validators: dict[str, Any] = {}
         for d in (*extra_dirs, directory):
             if d.is_dir():
                 for path in sorted(d.glob("*.json")):
@@ -335,8 +343,7 @@ class SchemaRegistry:
                         self._install(path.stem, schema)
                     except SchemaError as e:  # accepted before these checks: check() will say why
                         log.warning("schema %s: %s", path, e.message)
-                        self._validators[path.stem] = Draft202012Validator(
-                            schema, _resolver=_resolver(schema))
+                        self._validators[path.stem] = _Validator(schema, _resolver=_resolver(schema))
                     if isinstance(schema, dict) and (why := _entity_key_error(schema)):
                         log.warning("schema %s: %s; its commands are keyed by their ids", path, why)
 
@@ -355,7 +362,7 @@ class SchemaRegistry:
             raise SchemaError("it is nested too deeply") from e
         # `_resolver` is how jsonschema hands a validator its resolver (evolve() passes it on): so
         # evaluation resolves every ref as the checks above did.
-        validator = Draft202012Validator(schema, _resolver=resolver)
+        validator = _Validator(schema, _resolver=resolver)
         try:
             validator.is_valid({})
         except _CANNOT_EVALUATE as e:  # (what the checks above are there to have found first)

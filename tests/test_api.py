@@ -201,6 +201,9 @@ def test_schema_violations_are_422_with_json_pointers(server: Server) -> None:
     flag = assert_problem(post_command(server, flags), 422)
     assert sorted(e["message"] for e in flag["errors"]) == [  # JSON's names, not Python's True, None
         "null is not of type 'string'", "true is not of type 'integer'"]
+    for integral in (b"1.0", b"1e2"):  # JSON Schema's integers, floats to a processor (found by audit)
+        fraction = b'{"action": "pay-in", "data": {"account": "a", "amount": ' + integral + b"}}"
+        assert_problem(post_command(server, fraction), 422)
     ok = post_command(server, {"action": "pay-in", "data": {"account": "acct-9", "amount": 3}})
     assert ok.status_code == 202
     cmd = wait_for(lambda: (r := httpx.get(server.url + ok.headers["location"])).status_code == 200 and r)
