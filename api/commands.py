@@ -21,6 +21,7 @@ from litestar.plugins.problem_details import ProblemDetailsException
 
 from api.errors import bad_request, json_type, not_found, not_utf8, problem, problems, unavailable
 from api.records import children, decode_cursor, encode_cursor, get_record, list_records
+from api.registry import ACTION
 from api.services import Services  # Litestar reads handler annotations at runtime
 from ledger.consumer import MAX_JSON_DEPTH, MAX_VALUE_BYTES
 from ledger.errors import InvalidRecord
@@ -136,6 +137,8 @@ def parse_command(body: bytes) -> dict[str, Any]:
     action = env.get("action")
     if not isinstance(action, str) or not action.strip():
         raise bad_request("'action' must be a non-empty string", field="action")
+    if not ACTION.fullmatch(action):  # as a schema's: every command's action can have one
+        raise bad_request(f"'action' {action[:80]!r} must match {ACTION.pattern}", field="action")
     if not isinstance(env.get("data"), dict):
         raise bad_request("'data' must be a JSON object", field="data")
     for name in ("user", "system"):  # (they travel as headers: checked here to name them)

@@ -377,7 +377,7 @@ class SchemaRegistry:
         return None if v is None else dict(v.schema)
 
     def put(self, action: str, schema: object) -> None:
-        if not ACTION.match(action):
+        if not ACTION.fullmatch(action):
             raise bad_request(f"action {action!r} must match {ACTION.pattern}", field="action")
         if not isinstance(schema, dict):
             raise bad_request(f"body must be a JSON Schema object, got {json_type(schema)}", field="body")

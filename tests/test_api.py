@@ -167,6 +167,8 @@ def test_cursor_pagination_is_stable_while_records_arrive(server: Server) -> Non
         (b'{"action": "x", "data": {"n": -Infinity}}', None),
         (b'{"action": "x", "data": {"a": ' + b"[" * 200 + b"]" * 200 + b"}}", "data"),
         (b'{"action": "x", "data": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "data"),
+        ({"action": "x y/\u0000", "data": {}}, "action"),  # no schema could be put for it
+        ({"action": "a" * 129, "data": {}}, "action"),
         (b'{"action": "x", "action": "y", "data": {}}', "body"),  # which one was meant?
         (b'{"action": "x", "data": {"n": {"m": 1, "m": 2}}}', "body"),
     ],
