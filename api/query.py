@@ -236,9 +236,9 @@ class QueryController(Controller):
             raise bad_request("valid_at must be an ISO-8601 instant", field="valid_at")
         if params is not None and not isinstance(params, (list, dict)):
             raise bad_request("params must be a list ($1, $2, ...) or an object ($name)", field="params")
-        pinned = None if as_of is None else time_param(str(as_of), "as_of", head=services.ledger.head.tx)
-        valid = instant_param(valid_at, "valid_at")
         lg = services.ledger
+        pinned = None if as_of is None else time_param(str(as_of), "as_of", head=lg.head.tx)
+        valid = instant_param(valid_at, "valid_at")
 
         def run() -> tuple[int, pa.Table]:
             db = lg.db() if pinned is None else lg.as_of(pinned)

@@ -494,12 +494,10 @@ class Consumer:
         partition goes back to the ledger's offsets first, as after an append."""
         positions = {tp: self._reread_last(kafka, tp) for tp in sorted(kafka.assignment())}
         client_options = {k: v for k, v in self.kafka_options.items() if k in _CLIENT_OPTIONS}
-        for tp, offset in positions.items():
-            found = await find_unparsable(self.bootstrap, client_options, tp, offset, self._fetch_bytes)
-            if found is not None:
-                break
-        else:
+        hit = await find_unparsable(self.bootstrap, client_options, positions, self._fetch_bytes)
+        if hit is None:
             raise error  # not the record we know how to read past: stop, as before
+        tp, found = hit
         key = (tp.topic, tp.partition)
         mark = self._marks.get(key, OffsetMark(0))
         last = found.records[-1] if found.records else None

@@ -56,23 +56,34 @@ class Unparsable:
 
 
 async def find_unparsable(
-    bootstrap: str, client_options: Mapping[str, Any], tp: TopicPartition, offset: int, max_bytes: int,
-) -> Unparsable | None:
-    """Fetch `tp` from `offset` (up to `max_bytes`, as the consumer does) and find the first record
-    batch aiokafka cannot parse; None if there is none."""
+    bootstrap: str, client_options: Mapping[str, Any], positions: Mapping[TopicPartition, int],
+    max_bytes: int,
+) -> tuple[TopicPartition, Unparsable] | None:
+    """Fetch each partition from its position (up to `max_bytes`, as the consumers do), through one
+    client, and find the first record batch aiokafka cannot parse: its partition and where it is;
+    None if there is none."""
     client = AIOKafkaClient(bootstrap_servers=bootstrap, **client_options)
     try:
         await client.bootstrap()
-        await client.add_topic(tp.topic)
-        leader = client.cluster.leader_for_partition(tp)
-        if leader is None or leader < 0:
-            raise LedgerError(f"{tp.topic}/{tp.partition} has no leader to read it from")
-        # (Tansu answers max_wait_time=0 with no records at all.)
-        response = await client.send(leader, FetchRequest(
-            max_wait_time=500, min_bytes=1, max_bytes=max_bytes, isolation_level=0,
-            topics=[(tp.topic, [(tp.partition, offset, max_bytes)])]))
+        for tp, offset in positions.items():
+            found = first_unparsable(await _fetch(client, tp, offset, max_bytes), tp, offset)
+            if found is not None:
+                return tp, found
+        return None
     finally:
         await client.close()
+
+
+async def _fetch(client: AIOKafkaClient, tp: TopicPartition, offset: int, max_bytes: int) -> bytes:
+    """The record batches of one partition from `offset`, as the broker sends them."""
+    await client.add_topic(tp.topic)
+    leader = client.cluster.leader_for_partition(tp)
+    if leader is None or leader < 0:
+        raise LedgerError(f"{tp.topic}/{tp.partition} has no leader to read it from")
+    # (Tansu answers max_wait_time=0 with no records at all.)
+    response = await client.send(leader, FetchRequest(
+        max_wait_time=500, min_bytes=1, max_bytes=max_bytes, isolation_level=0,
+        topics=[(tp.topic, [(tp.partition, offset, max_bytes)])]))
     for topic, partitions in response.topics:
         for partition, error_code, _highwater, *rest in partitions:
             if (topic, partition) != (tp.topic, tp.partition):
@@ -83,7 +94,7 @@ async def find_unparsable(
             data = rest[-1] or b""  # the record batches come last in every version of the response
             if not isinstance(data, bytes):
                 raise LedgerError(f"aiokafka's fetch response changed: records are {type(data).__name__}")
-            return first_unparsable(data, tp, offset)
+            return data
     raise LedgerError(f"the fetch response has no {tp.topic}/{tp.partition}")
 
 

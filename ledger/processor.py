@@ -469,24 +469,23 @@ class Processor(Generic[S]):
                 await kafka.seek_to_beginning(tp)
             else:
                 kafka.seek(tp, offset)
-        for tp in sorted(resume):
-            found = await find_unparsable(self.bootstrap, self.kafka_options, tp, await kafka.position(tp),
-                                          _FETCH_BYTES)
-            if found is None:
-                continue
-            if found.before:
-                before: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = await kafka.getmany(
-                    tp, timeout_ms=1000, max_records=len(found.before))
-                return before
-            good = [m for m in found.records if not isinstance(m, UnparsedRecord)]
-            for m in found.records:
-                if isinstance(m, UnparsedRecord):
-                    log.warning("%s: skipping %s/%s at offset %s: %s", self.name, tp.topic, tp.partition,
-                                m.offset, m.reason)
-                    self.status.malformed += 1
-            kafka.seek(tp, found.end)
-            return {tp: good} if good else {}
-        raise error  # not the record we know how to read past
+        positions = {tp: await kafka.position(tp) for tp in sorted(resume)}
+        hit = await find_unparsable(self.bootstrap, self.kafka_options, positions, _FETCH_BYTES)
+        if hit is None:
+            raise error  # not the record we know how to read past
+        tp, found = hit
+        if found.before:
+            before: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = await kafka.getmany(
+                tp, timeout_ms=1000, max_records=len(found.before))
+            return before
+        good = [m for m in found.records if not isinstance(m, UnparsedRecord)]
+        for m in found.records:
+            if isinstance(m, UnparsedRecord):
+                log.warning("%s: skipping %s/%s at offset %s: %s", self.name, tp.topic, tp.partition,
+                            m.offset, m.reason)
+                self.status.malformed += 1
+        kafka.seek(tp, found.end)
+        return {tp: good} if good else {}
 
     def _set_ready(self) -> None:
         if not self.ready.is_set():
