@@ -30,6 +30,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from ledger.errors import InvalidRecord, LedgerError
 from ledger.fetching import FetchWait, unless_stopped
+from ledger.groups import Holdback
 from ledger.kafka_raw import UnparsedRecord, find_unparsable
 from ledger.records import MAX_DEPTH, OffsetMark, Quarantined, json_type, validate
 
@@ -54,6 +55,7 @@ _FIXED_OPTIONS = frozenset({"group_id", "enable_auto_commit", "auto_offset_reset
 # The grace covers a new Kafka leader whose highwater briefly lags behind the old one's: a false
 # "replaced" would re-ingest the whole partition as a new generation.
 LOG_END_GRACE_S = 3.0
+GROUP_WAIT_S = 2.0  # the longest a record waits for the rest of its group (see ledger.groups)
 MAX_JSON_DEPTH = MAX_DEPTH + 1  # containers in a value; deeper ones are quarantined (see decode)
 MAX_VALUE_BYTES = 1 << 20  # larger values are quarantined (the default of Consumer's max_value_bytes)
 _REFUSALS_BEFORE_CHECKING_ALL = 3  # see Consumer._append
@@ -132,6 +134,7 @@ class ConsumerStatus:
     duplicates: int = 0
     transactions: int = 0
     generations_started: int = 0
+    held: int = 0  # records fetched but held back until the rest of their group comes (see groups)
     last_tx: int | None = None
     last_error: str | None = None
     running: bool = False
@@ -141,7 +144,8 @@ class ConsumerStatus:
             "group": self.group, "running": self.running, "records": self.records,
             "quarantined": self.quarantined, "duplicates": self.duplicates,
             "transactions": self.transactions, "last_tx": self.last_tx,
-            "generations_started": self.generations_started, "last_error": self.last_error,
+            "generations_started": self.generations_started, "held": self.held,
+            "last_error": self.last_error,
             "partitions": [
                 {"topic": p.topic, "partition": p.partition, "next_offset": p.next_offset,
                  "highwater": p.highwater, "lag": p.lag, "generation": p.generation}
@@ -275,10 +279,12 @@ class Consumer:
         topics: tuple[str, ...] = ("commands", "events"), pattern: str | None = None,
         kinds: dict[str, str] | None = None, max_batch: int = 10_000,
         max_value_bytes: int = MAX_VALUE_BYTES, fetch_max_wait_ms: int = 100,
-        kafka_options: Mapping[str, Any] | None = None,
+        kafka_options: Mapping[str, Any] | None = None, group_wait_s: float = GROUP_WAIT_S,
     ) -> None:
         """`kafka_options` are extra AIOKafkaConsumer settings (default: $LEDGER_KAFKA_OPTIONS);
-        `max_poll_records` among them also lowers `max_batch`, the most records per transaction."""
+        `max_poll_records` among them also lowers `max_batch`, the records fetched per transaction
+        (a transaction can take up to twice as many more, held back for their groups: see
+        ledger.groups, which waits up to `group_wait_s` for the rest of a group)."""
         options = dict(kafka_options_from_env() if kafka_options is None else kafka_options)
         fixed = sorted(_FIXED_OPTIONS & set(options))
         if fixed:
@@ -312,6 +318,9 @@ class Consumer:
         # after that batch: once it is stored, the next fetch starts there (see _fetch_to_unparsed)
         self._unparsed: dict[tuple[str, int], tuple[tuple[int, str | None], int]] = {}
         self._fetch_bytes = 0  # max_partition_fetch_bytes, set by run()
+        # Records fetched but not yet appended (their group is incomplete). self._marks are where
+        # fetching goes on, past them; the ledger's stored offsets stay before them.
+        self._holdback = Holdback(group_wait_s, 2 * self.max_batch)
         self.assigned_event = asyncio.Event()
         # A rebalance can run (in aiokafka's coordinator task) while a batch is being appended, or
         # between getmany() returning and the batch being appended. The lock keeps the assignment
@@ -334,6 +343,8 @@ class Consumer:
         self._epoch += 1
         stored = self.ledger.offsets(self.group)
         self.status.assigned = {}
+        self._holdback.drop()  # every partition starts again from the ledger's offsets
+        self.status.held = 0
         # Partitions taken away are someone else's to commit; ours start from the ledger's offsets.
         self._uncommitted = {tp: o for tp, o in self._uncommitted.items() if tp in assigned}
         for tp in assigned:
@@ -378,6 +389,8 @@ class Consumer:
         old = self._marks.get(key, OffsetMark(0))
         log.warning("%s/%s: %s; starting generation %s", tp.topic, tp.partition, reason, old.generation + 1)
         self._marks[key] = OffsetMark(0, old.generation + 1, None)
+        self._holdback.drop(tp)
+        self.status.held = len(self._holdback)
         self._probing.pop(key, None)
         self._short_log.pop(key, None)
         self.status.generations_started += 1
@@ -432,13 +445,14 @@ class Consumer:
                 if not done or fetched is None:
                     break
                 epoch, batch = fetched
-                if batch:
+                if batch or self._holdback.held:
                     await self._ingest(kafka, batch, epoch)
                 self._refresh_lag(kafka)
                 if self._uncommitted and time.monotonic() >= self._commit_retry_at:
                     self._commit_in_background(kafka)
-                waiting.observe(got_records=bool(batch), lagging=any(
-                    (st.lag or 0) > 0 for st in self.status.assigned.values()))
+                waiting.observe(got_records=bool(batch), lagging=any(  # unread (not: unstored) records
+                    (st.highwater or 0) > self._marks.get((st.topic, st.partition), OffsetMark(0)).next_offset
+                    for st in self.status.assigned.values()))
         except Exception as e:
             self.status.last_error = f"{type(e).__name__}: {e}"  # for `ledger info` and /ready
             raise
@@ -529,39 +543,43 @@ class Consumer:
             if epoch != self._epoch:
                 log.info("dropping a batch fetched before the latest partition assignment")
                 return
-            work = []
+            fetched = {}
             self._reread_requested = False
             for tp, msgs in batch.items():
                 msgs = self._check_generation(kafka, tp, msgs)  # may seek: stays on the loop
                 if msgs:
-                    work.append((tp, msgs, self._marks.get((tp.topic, tp.partition), OffsetMark(0))))
-            if work and self._reread_requested:
+                    fetched[tp] = msgs
+            if fetched and self._reread_requested:
                 # Records that arrived together stay together (one tx, interleaved by timestamp,
                 # see _append): fetch the others again too rather than commit them ahead.
-                for tp, _, _ in work:
+                for tp in fetched:
                     self._reread_last(kafka, tp)
                 return
-            if not work:
-                return
-            for tp, msgs, _ in work:
+            for tp, msgs in fetched.items():
                 key = (tp.topic, tp.partition)
-                if key not in self._unparsed:  # (else: _reread_last, after the append)
+                mark = self._marks.get(key, OffsetMark(0))
+                self._marks[key] = OffsetMark(msgs[-1].offset + 1, mark.generation, message_digest(msgs[-1]))
+                if key in self._unparsed:
+                    self._reread_last(kafka, tp)  # past the batch aiokafka cannot parse, if that was it
+                else:
                     # The next batch must start with this one's last message, the one about to be
-                    # stored (see _reread_last): asked for now, it is fetched during the append.
+                    # stored or held (see _reread_last): asked for now, it is fetched during the append.
                     self._checked.pop(key, None)
                     self._probing[key] = msgs[-1].offset
                     _seek(kafka, tp, msgs[-1].offset)
+            ready = self._holdback.release(fetched, _whole_topics(kafka), time.monotonic())
+            self.status.held = len(self._holdback)
+            work = [(tp, msgs, self._marks[(tp.topic, tp.partition)]) for tp, msgs in ready.items()]
+            if not work:
+                return
             # Decoding is CPU work: with the append, off the event loop (heartbeats, the API).
             assert self._appender is not None, "run() starts the appender"
             loop = asyncio.get_running_loop()
             report, offsets = await loop.run_in_executor(self._appender, self._append, work)
             for (_, topic, partition), mark in offsets.items():
-                self._marks[(topic, partition)] = mark
                 st = self.status.assigned.get(f"{topic}/{partition}")
                 if st is not None:
                     st.next_offset, st.generation = mark.next_offset, mark.generation
-                if (topic, partition) in self._unparsed:
-                    self._reread_last(kafka, TopicPartition(topic, partition))
             s = self.status
             s.records += len(report.ids)
             s.duplicates += len(report.duplicates)
@@ -690,6 +708,13 @@ class Consumer:
         log.warning("%s/%s: offset %s is no longer in the log (retention or compaction); "
                     "continuing at %s without comparing it", tp.topic, tp.partition, probe, first.offset)
         return msgs
+
+
+def _whole_topics(kafka: AIOKafkaConsumer) -> set[str]:
+    """The topics all of whose partitions are assigned to this consumer."""
+    assigned = kafka.assignment()
+    return {topic for topic in {tp.topic for tp in assigned}
+            if all(TopicPartition(topic, p) in assigned for p in kafka.partitions_for_topic(topic) or ())}
 
 
 def _seek(kafka: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:

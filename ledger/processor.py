@@ -27,7 +27,8 @@ Delivery is at-least-once with exactly-once effects:
 * Events of one command can land on different partitions (the key is the entity id), so a crash can
   leave a command half-produced.  Every event of a multi-event command therefore carries the whole
   batch in a ``commander-batch`` header, and replay re-produces the missing events (same ids, same
-  data) before handling new commands.
+  data) before handling new commands.  Each also carries a ``ledger-group`` header, so the ledger's
+  consumer stores the events of one command in one transaction (see ``ledger.groups``).
 
 The state is global to the instance, so run exactly one instance per processor name; partitions
 are not a way to scale out a processor whose commands touch several entities.  The idempotent and
@@ -53,6 +54,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from ledger.consumer import connection_options, kafka_options_from_env
 from ledger.fetching import FetchWait, unless_stopped
+from ledger.groups import group_header
 from ledger.kafka_raw import UnparsedRecord, find_unparsable
 from ledger.records import validate
 
@@ -573,6 +575,7 @@ class Processor(Generic[S]):
         Everything is encoded before the first send, so a handler returning data that is not JSON
         fails before anything of its command reaches the log."""
         headers = [] if batch is None else [(BATCH_HEADER, batch)]
+        group = event_id(parent, 0, processor=self.name)  # one name per command and processor
         timestamp = timestamp or _now()
         staged = []
         for i in indexes:
@@ -589,11 +592,13 @@ class Processor(Generic[S]):
             validate(i, {"kind": "event", "id": event.id, "action": event.action, "data": event.data,
                          "parent": parent, "timestamp": timestamp})
             value = json.dumps(env, separators=(",", ":")).encode()
-            size = len(key.encode()) + len(value) + sum(len(k) + len(v) for k, v in headers)
+            # The ledger stores the events of one command in one transaction (see ledger.groups).
+            own = headers if len(events) < 2 else [*headers, group_header(i, len(events), group)]
+            size = len(key.encode()) + len(value) + sum(len(k) + len(v) for k, v in own)
             if size > MAX_EVENT_BYTES:  # else the send fails, again on every redelivery
                 raise ValueError(f"event {i} ({event.action!r}) is {size:,} bytes encoded; "
                                  f"at most {MAX_EVENT_BYTES:,} reach the events topic")
-            staged.append((key.encode(), value, headers, event))
+            staged.append((key.encode(), value, own, event))
         return staged
 
     async def _send(

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from ledger import Ledger, LedgerError
 from ledger.broker import Broker, create_topics_async
 from ledger.consumer import ID_NAMESPACE, Consumer, partition_lag
+from ledger.groups import group_header, membership
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -696,3 +697,84 @@ async def test_the_fetch_wait_backs_off_while_fetches_come_back_empty_and_return
         assert wait.wait_ms == applied() == 5
     finally:
         await kafka.stop()
+
+
+# ---------------------------------------------------------------------------------------- groups
+def tx_of(lg: Ledger) -> dict[str, int]:
+    return {r["n"]: r["tx"] for r in lg.sql("SELECT data->>'n' AS n, tx FROM log").to_pylist()}
+
+
+async def test_a_group_spread_over_partitions_is_stored_in_one_transaction(
+    broker: Broker, ledger: Ledger
+) -> None:
+    """Members of a group (ledger.groups) come on three partitions, far apart in time: each waits,
+    with what follows it on its partition, for the others; what other partitions hold before the
+    group is stored meanwhile."""
+    topic = "grouped"
+    await create_topics_async(broker.bootstrap, {topic: 3})
+
+    async def send(n: str, partition: int, member: int | None = None) -> None:
+        headers = None if member is None else [group_header(member, 3, "g-1")]
+        await produce(broker.bootstrap, topic, [env(data={"n": n})], partition=partition, headers=headers)
+
+    consumer = Consumer(ledger, bootstrap=broker.bootstrap, group="grouped", topics=(topic,),
+                        kafka_options=FAST, group_wait_s=60)
+    async with running(consumer):
+        for p in range(3):
+            await send(f"before-{p}", p)
+        await send("member-0", 0, member=0)
+        await send("after-0", 0)
+        await eventually(lambda: count(ledger) == 3 and consumer.status.held == 2, 20, "member 0 held")
+        await send("member-1", 1, member=1)
+        await send("between-2", 2)  # before the last member on its partition: not held
+        await eventually(lambda: count(ledger) == 4 and consumer.status.held == 3, 20, "member 1 held")
+        await asyncio.sleep(0.5)
+        assert count(ledger) == 4
+        await send("member-2", 2, member=2)
+        await eventually(lambda: count(ledger) == 8, 20, "the whole group")
+        assert consumer.status.held == 0
+    txs = tx_of(ledger)
+    assert txs["member-0"] == txs["member-1"] == txs["member-2"] == txs["after-0"]
+    assert max(txs[f"before-{p}"] for p in range(3)) < txs["between-2"] < txs["member-0"]
+    rows = ledger.sql("SELECT kafka_partition AS p, list(kafka_offset ORDER BY tx, seq) AS o "
+                      "FROM log GROUP BY ALL").to_pylist()
+    assert all(r["o"] == list(range(len(r["o"]))) for r in rows)
+    assert ledger.verify().ok
+
+
+async def test_an_incomplete_group_is_stored_after_the_wait_and_a_restart_holds_it_again(
+    broker: Broker, ledger: Ledger
+) -> None:
+    """A group whose other member never comes is stored after `group_wait_s` (nothing is held for
+    ever). Held records are not stored: a consumer stopped while it holds them leaves the ledger's
+    offsets before them, and the next one reads them again (once)."""
+    topic = "partial"
+    await create_topics_async(broker.bootstrap, {topic: 2})
+    await produce(broker.bootstrap, topic, [env(data={"n": "lone"})], partition=0,
+                  headers=[group_header(0, 2, "g-lone")])
+    await produce(broker.bootstrap, topic, [env(data={"n": "next"})], partition=0)
+    first = Consumer(ledger, bootstrap=broker.bootstrap, group="partial", topics=(topic,),
+                     kafka_options=FAST, group_wait_s=60)
+    async with running(first):
+        await eventually(lambda: first.status.held == 2, 20, "the lone member held")
+    assert count(ledger) == 0 and ledger.offsets("partial") == {}
+
+    second = Consumer(ledger, bootstrap=broker.bootstrap, group="partial", topics=(topic,),
+                      kafka_options=FAST, group_wait_s=2.0)
+    async with running(second):
+        await eventually(lambda: second.status.held == 2, 20, "the lone member held again")
+        await eventually(lambda: count(ledger) == 2, 20, "the lone member, after the wait")
+        assert second.status.held == 0
+        # Its late partner is not held for the wait again: the group is already split.
+        await produce(broker.bootstrap, topic, [env(data={"n": "late"})], partition=1,
+                      headers=[group_header(1, 2, "g-lone")])
+        await eventually(lambda: count(ledger) == 3, 1.8, "the late member, without a wait")
+    txs = tx_of(ledger)
+    assert txs["lone"] == txs["next"] < txs["late"]
+    assert ledger.sql("SELECT count(DISTINCT id) AS n FROM log").to_pylist() == [{"n": 3}]
+
+
+def test_a_malformed_group_header_holds_nothing_back() -> None:
+    assert membership([("ledger-group", b"1/3 g")]) == ("g", 1, 3)
+    for value in (b"3/3 g", b"0/1 g", b"1/3", b"1/3 ", b"a/3 g", b"\xff", b"-1/3 g", b"0/10001 g"):
+        assert membership([("ledger-group", value)]) is None, value

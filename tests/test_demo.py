@@ -66,15 +66,18 @@ def test_sync_transfers_from_concurrent_clients(bank: Server) -> None:
     assert [r.status_code for r in responses] == [201] * len(transfers)
     assert unresolved == []  # the command is in the ledger when its answer says done (found by audit)
     ids = [r.json()["id"] for r in responses]
-    assert all(r.json()["children"] for r in responses)
+    # A transfer's events are stored in one transaction (ledger.groups), so the answer names all
+    # three: before, the ledger could store the debit and the credit apart, and answer with one.
+    assert [len(r.json()["children"]) for r in responses] == [3] * len(transfers)
     q = httpx.post(bank.url + "/query", timeout=30, json={
-        "sql": "SELECT parent, list(action ORDER BY action) AS actions FROM events "
-               "WHERE parent IN (SELECT unnest($ids::VARCHAR[])) GROUP BY parent",
+        "sql": "SELECT parent, list(action ORDER BY action) AS actions, count(DISTINCT tx) AS txs "
+               "FROM events WHERE parent IN (SELECT unnest($ids::VARCHAR[])) GROUP BY parent",
         "params": {"ids": ids},
     }).json()
     by_parent = {row[0]: row[1] for row in q["rows"]}
     want = ["account-credited", "account-debited", "money-transferred"]
     assert all(by_parent[i] == want for i in ids), "each transfer has its three events"
+    assert {row[2] for row in q["rows"]} == {1}, "each transfer's events are in one transaction"
     # the first child each response named is one of those events
     firsts = {r.json()["children"][0] for r in responses}
     q = httpx.post(bank.url + "/query", timeout=30, json={

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ledger import Ledger
 from ledger.broker import create_topics
+from ledger.groups import group_header
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -88,8 +89,11 @@ class Producer:
                     futures = []
                     for i in range(start, min(first + count, start + self.chunk)):
                         p = i % PARTITIONS
+                        # Events come in groups of three, one on each partition (see ledger.groups).
+                        grouped = kind == "event"
+                        headers = [group_header(p, PARTITIONS, f"g{i // PARTITIONS}")] if grouped else None
                         futures.append((p, await producer.send(topic, envelope(i, kind), partition=p,
-                                                               key=f"k{i}".encode())))
+                                                               key=f"k{i}".encode(), headers=headers)))
                     for p, fut in futures:
                         await fut
                         self.sent[(topic, p)] += 1
@@ -226,6 +230,10 @@ def assert_exactly_once(data_dir: Path, sent: collections.Counter[tuple[str, int
             "SELECT kafka_topic, list(DISTINCT kind) AS kinds FROM log GROUP BY ALL").to_pylist()}
         assert {t: ["event" if t.endswith("events") else "command"] for t in counts} == kinds
         assert lg.sql("SELECT count(*) AS q FROM quarantine").to_pylist() == [{"q": 0}]
+        groups = lg.sql(f"SELECT CAST(data->>'i' AS INTEGER) // {PARTITIONS} AS g, count(DISTINCT tx) AS txs "
+                        "FROM events GROUP BY ALL").to_pylist()
+        assert len(groups) * PARTITIONS == sum(n for t, n in counts.items() if t.endswith("events"))
+        assert [r for r in groups if r["txs"] != 1] == [], "a group's events are in one transaction"
         report = lg.verify()
         assert report.ok, report
         assert report.checked == lg.head.tx
