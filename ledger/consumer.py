@@ -371,6 +371,9 @@ class Consumer:
         # Records fetched but not yet appended (their group is incomplete). self._marks are where
         # fetching goes on, past them; the ledger's stored offsets stay before them.
         self._holdback = Holdback(group_wait_s, 2 * self.max_batch)
+        # Held records of a partition whose log is gone (a new generation): stored with the next
+        # append, under their old generation, since the broker cannot give them again.
+        self._orphans: list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]], OffsetMark]] = []
         self.assigned_event = asyncio.Event()
         # A rebalance can run (in aiokafka's coordinator task) while a batch is being appended, or
         # between getmany() returning and the batch being appended. The lock keeps the assignment
@@ -393,7 +396,7 @@ class Consumer:
         self._epoch += 1
         stored = self.ledger.offsets(self.group)
         self.status.assigned = {}
-        self._holdback.drop()  # every partition starts again from the ledger's offsets
+        self._holdback.take()  # (stored when the partitions were revoked) from the ledger's offsets
         self.status.held = 0
         # Partitions taken away are someone else's to commit; ours start from the ledger's offsets.
         self._uncommitted = {tp: o for tp, o in self._uncommitted.items() if tp in assigned}
@@ -439,7 +442,7 @@ class Consumer:
         old = self._marks.get(key, OffsetMark(0))
         log.warning("%s/%s: %s; starting generation %s", tp.topic, tp.partition, reason, old.generation + 1)
         self._marks[key] = OffsetMark(0, old.generation + 1, None)
-        self._holdback.drop(tp)
+        self._orphans += [(t, msgs, old) for t, msgs in self._holdback.take(tp).items()]
         self.status.held = len(self._holdback)
         self._probing.pop(key, None)
         self._short_log.pop(key, None)
@@ -468,6 +471,15 @@ class Consumer:
             async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
                 consumer.assigned_event.clear()
                 consumer._epoch += 1  # batches fetched until now are stale: drop them
+                # What is held is stored now: the partitions may not come back, and a broker that
+                # lost its log (the usual cause of a rejoin) could not give those records again.
+                async with consumer._lock:
+                    held = consumer._holdback.take().items()
+                    try:
+                        await consumer._store(kafka, [*consumer._take_orphans(), *(
+                            (tp, msgs, consumer._marks[(tp.topic, tp.partition)]) for tp, msgs in held)])
+                    except Exception as e:  # (the ledger closed under a stopping consumer): re-read later
+                        log.warning("could not store the records held back at a rebalance: %s", e)
 
             async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
                 async with consumer._lock:  # after the append in flight, if any, has committed
@@ -495,7 +507,7 @@ class Consumer:
                 if not done or fetched is None:
                     break
                 epoch, batch = fetched
-                if batch or self._holdback.held:
+                if batch or self._holdback.held or self._orphans:
                     await self._ingest(kafka, batch, epoch)
                 self._refresh_lag(kafka)
                 if self._uncommitted and time.monotonic() >= self._commit_retry_at:
@@ -619,25 +631,36 @@ class Consumer:
                     _seek(kafka, tp, msgs[-1].offset)
             ready = self._holdback.release(fetched, _whole_topics(kafka), time.monotonic())
             self.status.held = len(self._holdback)
-            work = [(tp, msgs, self._marks[(tp.topic, tp.partition)]) for tp, msgs in ready.items()]
-            if not work:
-                return
-            # Decoding is CPU work: with the append, off the event loop (heartbeats, the API).
-            assert self._appender is not None, "run() starts the appender"
-            loop = asyncio.get_running_loop()
-            report, offsets = await loop.run_in_executor(self._appender, self._append, work)
-            for (_, topic, partition), mark in offsets.items():
-                st = self.status.assigned.get(f"{topic}/{partition}")
-                if st is not None:
-                    st.next_offset, st.generation = mark.next_offset, mark.generation
-            s = self.status
-            s.records += len(report.ids)
-            s.duplicates += len(report.duplicates)
-            s.quarantined += report.quarantined
-            s.transactions += 1
-            s.last_tx = report.tx
-        for (_, t, p), m in offsets.items():
-            self._uncommitted[TopicPartition(t, p)] = m.next_offset
+            await self._store(kafka, [*self._take_orphans(), *(
+                (tp, msgs, self._marks[(tp.topic, tp.partition)]) for tp, msgs in ready.items())])
+
+    def _take_orphans(self) -> list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]], OffsetMark]]:
+        orphans, self._orphans = self._orphans, []
+        return orphans
+
+    async def _store(
+        self, kafka: AIOKafkaConsumer,
+        work: list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]], OffsetMark]],
+    ) -> None:
+        """Append `work` as one transaction (the caller holds the lock), and count it."""
+        self.status.held = len(self._holdback)
+        if not work:
+            return
+        # Decoding is CPU work: with the append, off the event loop (heartbeats, the API).
+        assert self._appender is not None, "run() starts the appender"
+        loop = asyncio.get_running_loop()
+        report, offsets = await loop.run_in_executor(self._appender, self._append, work)
+        for (_, topic, partition), mark in offsets.items():
+            st = self.status.assigned.get(f"{topic}/{partition}")
+            if st is not None:
+                st.next_offset, st.generation = mark.next_offset, mark.generation
+            self._uncommitted[TopicPartition(topic, partition)] = mark.next_offset
+        s = self.status
+        s.records += len(report.ids)
+        s.duplicates += len(report.duplicates)
+        s.quarantined += report.quarantined
+        s.transactions += 1
+        s.last_tx = report.tx
         self._commit_in_background(kafka)
 
     def _commit_in_background(self, kafka: AIOKafkaConsumer) -> None:

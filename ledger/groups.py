@@ -75,13 +75,32 @@ class Holdback:
     def __len__(self) -> int:
         return sum(len(msgs) for msgs in self.held.values())
 
-    def drop(self, tp: TopicPartition | None = None) -> None:
-        """Forget what is held (for `tp`, or for every partition): it is fetched again."""
+    def take(self, tp: TopicPartition | None = None) -> dict[TopicPartition, list[Any]]:
+        """Stop holding (for `tp`, or for every partition), and return what was held: to store
+        now, without waiting for the rest of its groups."""
+        taken = dict(self.held) if tp is None else {tp: self.held[tp]} if tp in self.held else {}
+        for t in taken:
+            del self.held[t]
         if tp is None:
-            self.held.clear()
             self._first_seen.clear()
-        else:
-            self.held.pop(tp, None)
+        seen: dict[str, tuple[set[int], int]] = {}
+        for msgs in taken.values():
+            for msg in msgs:
+                if (member := membership(msg.headers)) is not None:
+                    seen.setdefault(member[0], (set(), member[2]))[0].add(member[1])
+        for name, (indexes, count) in seen.items():
+            if len(indexes) < count:
+                self._note_split(name, len(indexes), count)
+        return taken
+
+    def _note_split(self, name: str, stored: int, count: int) -> None:
+        if name in self._split:
+            return
+        log.warning("group %s is stored in more than one transaction (%s of its %s messages in "
+                    "this one)", name, stored, count)
+        self._split[name] = None
+        if len(self._split) > _REMEMBER_SPLIT:
+            del self._split[next(iter(self._split))]
 
     def release(
         self, fetched: dict[TopicPartition, list[Any]], whole_topics: set[str], now: float
@@ -113,14 +132,16 @@ class Holdback:
                 for tp, i in g.members:
                     cut[tp] = min(cut[tp], i)
         # A group appended at all is appended whole: one member held holds all of them.
-        changed = bool(waiting)
-        while changed:
-            changed = False
-            for g in groups.values():
-                if any(i >= cut[tp] for tp, i in g.members):
-                    for tp, i in g.members:
-                        if i < cut[tp]:
-                            cut[tp], changed = i, True
+        _settle(cut, groups.values(), lower=True)
+        # But no longer than the wait: a group first fetched that long ago goes now, with what is
+        # before it on its partitions (which may split a group still waiting; a chain of groups
+        # that each hold the one before would otherwise hold all of them for ever).
+        overdue = [g for name, g in groups.items() if now - self._first_seen[name] >= self.wait_s]
+        for g in overdue:
+            for tp, i in g.members:
+                cut[tp] = max(cut[tp], i + 1)
+        if overdue:
+            _settle(cut, (g for g in groups.values() if len(g.indexes) == g.count), lower=False)
         if sum(len(msgs) - cut[tp] for tp, msgs in lists.items()) > self.max_held:
             log.warning("more than %s messages held back for their groups: storing them without "
                         "waiting for groups %s", self.max_held, sorted(waiting)[:5])
@@ -129,14 +150,28 @@ class Holdback:
         self.held = {tp: msgs[cut[tp]:] for tp, msgs in lists.items() if cut[tp] < len(msgs)}
         waited = {}
         for name, g in groups.items():
-            released = any(i < cut[tp] for tp, i in g.members)
+            released = [(tp, i) for tp, i in g.members if i < cut[tp]]
             if not released:
                 waited[name] = self._first_seen[name]
-            elif len(g.indexes) < g.count and name not in self._split:
-                log.warning("group %s stored with %s of its %s messages (the rest did not come "
-                            "within %s s)", name, len(g.indexes), g.count, self.wait_s)
-                self._split[name] = None
-                if len(self._split) > _REMEMBER_SPLIT:
-                    del self._split[next(iter(self._split))]
+            elif len(released) < g.count:
+                self._note_split(name, len(released), g.count)
+                if len(released) < len(g.members):
+                    waited[name] = self._first_seen[name]
         self._first_seen = waited
         return ready
+
+
+def _settle(cut: dict[TopicPartition, int], groups: Iterable[_Group], *, lower: bool) -> None:
+    """Move the cuts until no group in `groups` is cut through: down to its first member held
+    (lower), or up past its last member (raise)."""
+    groups = list(groups)
+    changed = True
+    while changed:
+        changed = False
+        for g in groups:
+            if any(i >= cut[tp] for tp, i in g.members) and any(i < cut[tp] for tp, i in g.members):
+                for tp, i in g.members:
+                    if lower and i < cut[tp]:
+                        cut[tp], changed = i, True
+                    elif not lower and i >= cut[tp]:
+                        cut[tp], changed = i + 1, True

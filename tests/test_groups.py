@@ -1,6 +1,6 @@
 """ledger.groups on its own: for any arrival of group members over partitions and fetches, each
-partition's messages come out once, in offset order; a group comes out in one release; and
-nothing stays held once the wait has passed."""
+partition's messages come out once, in offset order; a group comes out in one release unless it
+waited past the wait; and no message is held longer than the wait."""
 
 from __future__ import annotations
 
@@ -44,15 +44,16 @@ def _m(p: int, offset: int, g: int, index: int) -> Msg:
 
 
 @settings(max_examples=300, deadline=None)
-@given(arrivals(), st.sampled_from([True, False]))
+@given(arrivals(), st.sampled_from([True, False]), st.sampled_from([1, 2, 3, 100]))
 # g1 is complete in the first fetch, but its member on partition 0 waits behind g0's: both wait.
 @example(([[_m(0, 0, 0, 0), _m(0, 1, 1, 0)], [_m(1, 0, 1, 1)], [_m(2, 0, 0, 1)]], {0: 2, 1: 2}, [[2, 1, 0]]),
-         True)
+         True, 100)
 def test_partitions_stay_in_order_and_groups_whole(
-    case: tuple[list[list[Msg]], dict[int, int], list[list[int]]], whole: bool
+    case: tuple[list[list[Msg]], dict[int, int], list[list[int]]], whole: bool, wait: int
 ) -> None:
     parts, sizes, takes = case
-    hb = Holdback(wait_s=100, max_held=1_000)
+    hb = Holdback(wait_s=wait, max_held=1_000)
+    fetched_at: dict[tuple[int, int], float] = {}
     tps = [TopicPartition("t", p) for p in range(3)]
     pos = [0, 0, 0]
     released: list[list[Msg]] = []
@@ -62,9 +63,14 @@ def test_partitions_stay_in_order_and_groups_whole(
         for p, n in enumerate(take):
             if parts[p][pos[p]:pos[p] + n]:
                 fetched[tps[p]] = parts[p][pos[p]:pos[p] + n]
+                fetched_at.update({(p, m.offset): now for m in fetched[tps[p]]})
                 pos[p] += n
         ready = hb.release(fetched, {"t"} if whole else set(), now)
         released.append([m for msgs in ready.values() for m in msgs])
+        # Never held past the wait (a chain of groups each holding the one before did, for ever).
+        assert all(now - fetched_at[(m.partition, m.offset)] <= wait for m in released[-1])
+        held = [m for msgs in hb.held.values() for m in msgs]
+        assert all(now - fetched_at[(m.partition, m.offset)] < wait for m in held)
         assert whole or len(hb) == 0  # a group that cannot complete here is not waited for
         now += 1
     now += 100
@@ -72,6 +78,30 @@ def test_partitions_stay_in_order_and_groups_whole(
     assert len(hb) == 0
     for p in range(3):
         assert [m.offset for r in released for m in r if m.partition == p] == list(range(len(parts[p])))
-    if whole:  # every group was complete by the last fetch: each came out in one release
+    if whole and wait == 100:  # every group was complete in time: each came out in one release
         for g in sizes:
             assert sum(any(m.group == g for m in r) for r in released) == 1, g
+
+
+def test_a_chain_of_groups_each_holding_the_one_before_is_released_within_the_wait() -> None:
+    """Two producers whose groups cross on two partitions: each group's first member comes just
+    before the previous group's last one. Each group is complete 1.5 s after it began (wait 2 s),
+    but waits behind the next: before, nothing at all was released. (Found by review.)"""
+    hb = Holdback(wait_s=2.0, max_held=1_000)
+    tps = [TopicPartition("t", 0), TopicPartition("t", 1)]
+    offsets = [0, 0]
+
+    def m(p: int, g: int, index: int) -> Msg:
+        offsets[p] += 1
+        return Msg(p, offsets[p] - 1, g, (group_header(index, 2, f"g{g}"),))
+
+    now, fetched_at = 0.0, {}
+    fetch = {tps[0]: [m(0, 0, 0)]}
+    for g in range(1, 40):
+        fetched_at.update({(x.partition, x.offset): now for msgs in fetch.values() for x in msgs})
+        for msgs in hb.release(fetch, {"t"}, now).values():
+            assert all(now - fetched_at[(x.partition, x.offset)] <= 2.0 + 1.5 for x in msgs)
+        assert all(now - fetched_at[(x.partition, x.offset)] < 2.0 for msgs in hb.held.values() for x in msgs)
+        now += 1.5
+        p = g % 2  # the partition the previous group completes on
+        fetch = {tps[p]: [m(p, g, 0), m(p, g - 1, 1)]}
