@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from ledger.ledger import Ledger
     from ledger.records import TxReport
 
+    _Work = tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]], OffsetMark]  # one partition's records
+
 log = logging.getLogger("ledger.consumer")
 ID_NAMESPACE = uuid.UUID("6f1c1f7e-3f4b-4d0e-9a55-1e6c0b8c4a10")
 ENVELOPE = {"id", "action", "data", "parent", "timestamp", "user", "system", "kind"}
@@ -373,7 +375,7 @@ class Consumer:
         self._holdback = Holdback(group_wait_s, 2 * self.max_batch)
         # Held records of a partition whose log is gone (a new generation): stored with the next
         # append, under their old generation, since the broker cannot give them again.
-        self._orphans: list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]], OffsetMark]] = []
+        self._orphans: list[_Work] = []
         self.assigned_event = asyncio.Event()
         # A rebalance can run (in aiokafka's coordinator task) while a batch is being appended, or
         # between getmany() returning and the batch being appended. The lock keeps the assignment
@@ -630,17 +632,16 @@ class Consumer:
                     self._probing[key] = msgs[-1].offset
                     _seek(kafka, tp, msgs[-1].offset)
             ready = self._holdback.release(fetched, _whole_topics(kafka), time.monotonic())
-            self.status.held = len(self._holdback)
             await self._store(kafka, [*self._take_orphans(), *(
                 (tp, msgs, self._marks[(tp.topic, tp.partition)]) for tp, msgs in ready.items())])
 
-    def _take_orphans(self) -> list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]], OffsetMark]]:
+    def _take_orphans(self) -> list[_Work]:
         orphans, self._orphans = self._orphans, []
         return orphans
 
     async def _store(
         self, kafka: AIOKafkaConsumer,
-        work: list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]], OffsetMark]],
+        work: list[_Work],
     ) -> None:
         """Append `work` as one transaction (the caller holds the lock), and count it."""
         self.status.held = len(self._holdback)
@@ -689,7 +690,7 @@ class Consumer:
                 del self._uncommitted[tp]
 
     def _append(
-        self, work: list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]], OffsetMark]]
+        self, work: list[_Work]
     ) -> tuple[TxReport, dict[tuple[str, str, int], OffsetMark]]:
         """Decode one batch and append it, with its quarantine and offsets, as one transaction.
 
